@@ -1,0 +1,174 @@
+"""The fleet's MQTT client: shared-subscription ingest in, QoS 1 commands out.
+
+One object owns one paho client (MQTT 5, callback API 2) and its network thread. Incoming
+messages are handed to a callback (the ingest worker's `submit`); commands are published
+with QoS 1 and `publish_command` returns only once the broker acknowledged (PUBACK).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from fleet.errors import BrokerUnavailable
+from fleet.settings import FleetSettings
+from protocol.messages import DeployCommand, RollbackCommand, encode_message
+from protocol.topics import Channel, device_topic, shared_subscription
+
+__all__ = ["FleetMqtt", "MessageSink", "client_id_for_process"]
+
+log = logging.getLogger(__name__)
+
+MessageSink = Callable[[str, bytes], None]
+
+RECONNECT_MIN_DELAY_S = 1
+RECONNECT_MAX_DELAY_S = 30
+UPWARD_CHANNELS = (Channel.STATUS, Channel.TELEMETRY, Channel.HEARTBEAT, Channel.PRESENCE)
+
+
+def client_id_for_process() -> str:
+    """Stable for this process (host, pid) plus a random suffix, so restarts never collide."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_")[:24] or "host"
+    return f"edgefleet-fleet-{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class FleetMqtt:
+    """Owns the paho client; `start` connects in the background and keeps reconnecting."""
+
+    def __init__(
+        self, settings: FleetSettings, sink: MessageSink, *, client_id: str | None = None
+    ) -> None:
+        self._settings = settings
+        self._sink = sink
+        self.client_id = client_id or client_id_for_process()
+        self._connected = threading.Event()
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5,
+        )
+        if settings.mqtt_username is not None:
+            password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+            client.username_pw_set(settings.mqtt_username, password)
+        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_connect_fail = self._on_connect_fail
+        self._failed_attempts = 0
+        self._client = client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect in the background; a broker that is down is retried with backoff."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        # Keep the session (subscriptions, queued QoS 1 messages) across reconnects.
+        props.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
+        self._client.connect_async(
+            self._settings.mqtt_host,
+            self._settings.mqtt_port,
+            keepalive=self._settings.mqtt_keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        log.info(
+            "MQTT client %s connecting to %s:%d",
+            self.client_id,
+            self._settings.mqtt_host,
+            self._settings.mqtt_port,
+        )
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once connected (and subscribed requests sent) within ``timeout_s``."""
+        return self._connected.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Disconnect and end the session at the broker (so nothing queues for a dead worker)."""
+        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0
+        try:
+            self._client.disconnect(properties=props)
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()
+
+    def publish_command(self, command: DeployCommand | RollbackCommand) -> None:
+        """Publish with QoS 1 and wait for PUBACK; raise BrokerUnavailable otherwise."""
+        where = f"{self._settings.mqtt_host}:{self._settings.mqtt_port}"
+        # paho would queue a message while disconnected and send it after reconnecting; a
+        # command we report as failed must not arrive later, so refuse up front.
+        if not self._client.is_connected():
+            raise BrokerUnavailable(
+                f"MQTT broker {where} is not connected; the command was not sent"
+            )
+        topic = device_topic(command.device_id, Channel.COMMAND)
+        info = self._client.publish(topic, encode_message(command), qos=1)
+        timeout_s = self._settings.publish_timeout_s
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise BrokerUnavailable(f"MQTT broker {where} refused the command: {exc}") from exc
+        if not info.is_published():
+            raise BrokerUnavailable(
+                f"MQTT broker {where} did not acknowledge the command within {timeout_s:g} s "
+                "(it may still be delivered)"
+            )
+
+    # -- paho callbacks (network thread) --------------------------------------------------
+    def _on_connect(
+        self, client: paho.Client, _userdata: Any, flags: Any, reason_code: Any, _properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused the connection: %s", reason_code)
+            return
+        group = self._settings.mqtt_share_group
+        subs = [(shared_subscription(group, ch), SubscribeOptions(qos=1)) for ch in UPWARD_CHANNELS]
+        # Subscribe every time: harmless when the session kept them, needed when it did not.
+        client.subscribe(subs)
+        self._connected.set()
+        self._failed_attempts = 0
+        log.info(
+            "MQTT connected (session present: %s); subscribed to %s",
+            getattr(flags, "session_present", None),
+            ", ".join(s for s, _ in subs),
+        )
+
+    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+        self._failed_attempts += 1
+        # the first failure, then every 10th, so a long outage does not flood the log
+        if self._failed_attempts % 10 == 1:
+            log.warning(
+                "cannot connect to MQTT broker %s:%d (attempt %d); retrying with backoff",
+                self._settings.mqtt_host,
+                self._settings.mqtt_port,
+                self._failed_attempts,
+            )
+
+    def _on_disconnect(
+        self, _client: paho.Client, _userdata: Any, _flags: Any, reason_code: Any, _properties: Any
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            self._sink(msg.topic, bytes(msg.payload))
+        except Exception:  # an exception here would end paho's network loop
+            log.exception("could not hand a message on %s to ingest", msg.topic)

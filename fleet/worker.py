@@ -1,0 +1,127 @@
+"""The ingest worker: one thread that drains a bounded queue into the database in batches.
+
+The MQTT network thread only enqueues; when the database falls behind, the queue fills and
+`submit` blocks, which stops reading from the broker's socket (back-pressure) instead of
+growing memory. One transaction per batch gives the throughput; a batch that fails is
+retried one message at a time so one bad row costs only itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from fleet.ingest import IngestResult, IngestStats, Reason, handle
+
+__all__ = ["IngestWorker", "ingest_batch"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def _log_result(topic: str, result: IngestResult) -> None:
+    if result.reason is not None:
+        log.warning("rejected message on %s (%s): %s", topic, result.reason, result.detail)
+
+
+def ingest_batch(
+    engine: Engine, items: Sequence[tuple[str, bytes]], stats: IngestStats
+) -> list[IngestResult]:
+    """Apply ``(topic, payload)`` pairs in one transaction; count each after it commits."""
+    results: list[IngestResult] | None = None
+    try:
+        with Session(engine) as session:
+            results = [handle(topic, payload, session) for topic, payload in items]
+            session.commit()
+    except Exception:
+        # e.g. another fleet process inserted the same device or window between our read
+        # and our write: redo each message alone, where a retry sees the committed row.
+        log.warning("a batch of %d messages failed; retrying one by one", len(items), exc_info=True)
+        results = [_one(engine, topic, payload) for topic, payload in items]
+    for (topic, _), result in zip(items, results, strict=True):
+        _log_result(topic, result)
+        stats.record(result)
+    return results
+
+
+def _one(engine: Engine, topic: str, payload: bytes) -> IngestResult:
+    for attempt in (1, 2):
+        try:
+            with Session(engine) as session:
+                result = handle(topic, payload, session)
+                session.commit()
+                return result
+        except Exception as exc:
+            if attempt == 2:
+                log.exception("could not store a message on %s", topic)
+                return IngestResult.rejected(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable")
+
+
+class IngestWorker:
+    """Owns the queue and the writer thread; `submit` is called from the MQTT thread."""
+
+    def __init__(
+        self, engine: Engine, stats: IngestStats, *, queue_max: int, batch_max: int
+    ) -> None:
+        self._engine = engine
+        self._stats = stats
+        self._batch_max = batch_max
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_max)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Enqueue one message; blocks while the queue is full (back-pressure)."""
+        self._queue.put((topic, payload))
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("IngestWorker already started")
+        self._thread = threading.Thread(target=self._run, name="fleet-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Write out everything already queued, then end the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error(
+                "ingest worker did not finish within %.0f s; %d messages left",
+                timeout_s,
+                self._queue.qsize(),
+            )
+        self._thread = None
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list[tuple[str, bytes]] = []
+            while True:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)  # type: ignore[arg-type]
+                if stopping or len(batch) >= self._batch_max:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    ingest_batch(self._engine, batch, self._stats)
+                except Exception:  # never let the writer thread die
+                    log.exception("ingest batch of %d messages lost", len(batch))
