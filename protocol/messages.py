@@ -178,6 +178,10 @@ class TelemetryWindow(_Wire):
     """What one device saw in one time window. ``seq`` lets the fleet drop duplicates."""
 
     kind: Literal["telemetry"] = "telemetry"
+    #: identifies one run of the device's state (new when its state directory is new), so a
+    #: wiped device restarting at seq 0 is not mistaken for a replay; dedup key is
+    #: (device_id, stream_id, seq)
+    stream_id: str = Field(default="", max_length=64)
     seq: int = Field(ge=0)
     window_start: datetime
     window_end: datetime

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -214,13 +215,13 @@ def _level_capacity(k: int, m: int, num_levels: int, height: int) -> int:
     depth = num_levels - height - 1
     # k * (2/3)^depth, rounded the way the C++ library does (kll_helper::int_cap_aux).
     if depth <= 30:
-        cap = (((2 * k) << depth) // (3**depth) + 1) >> 1
+        cap = (((2 * k) << depth) // int(3**depth) + 1) >> 1
     else:
         half = depth // 2
         rest = depth - half
-        tmp = (((2 * k) << half) // (3**half) + 1) >> 1
-        cap = (((2 * tmp) << rest) // (3**rest) + 1) >> 1
-    return max(m, cap)
+        tmp = (((2 * k) << half) // int(3**half) + 1) >> 1
+        cap = (((2 * tmp) << rest) // int(3**rest) + 1) >> 1
+    return max(m, int(cap))
 
 
 def _check_kll_layout(raw: bytes) -> None:
@@ -260,7 +261,7 @@ def _check_kll_layout(raw: bytes) -> None:
     levels = [int(x) for x in np.frombuffer(raw, dtype="<u4", count=num_levels, offset=20)]
     capacity = sum(_level_capacity(k, m, num_levels, h) for h in range(num_levels))
     levels.append(capacity)
-    if any(b < a for a, b in zip(levels, levels[1:], strict=False)) or levels[0] >= capacity:
+    if any(b < a for a, b in itertools.pairwise(levels)) or levels[0] >= capacity:
         raise SketchError("KLL sketch level offsets are inconsistent")
     n_items = capacity - levels[0]
     if len(raw) != head + 8 + 4 * n_items:
