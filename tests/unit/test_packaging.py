@@ -96,3 +96,29 @@ def test_base_install_is_lean() -> None:
     pulled = _closure_or_fail(frozenset())
     heavy = {"onnxruntime", "paho-mqtt", "fastapi", "onnx", "torch"}
     assert not pulled & heavy, sorted(pulled & heavy)
+
+
+def test_wheel_ships_every_subpackage_and_profile(tmp_path: Path) -> None:
+    """A wheel (what a device installs) must hold every package the source tree has."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         str(root), "-w", str(tmp_path)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("edgefleet-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    parts = ("edgefleet", "protocol", "compiler", "agent", "fleet", "hardware_profiles")
+    expected = {
+        str(p.relative_to(root))
+        for part in parts
+        for p in (root / part).rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert expected <= names, sorted(expected - names)
+    profiles = {p.name for p in (root / "hardware_profiles").glob("*.toml")}
+    assert {f"hardware_profiles/{n}" for n in profiles} <= names
