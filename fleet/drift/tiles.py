@@ -1,0 +1,277 @@
+"""Tiles: device windows merged per (model, version, cohort, feature, time bucket).
+
+Why a periodic tiler and not a hook in ingest: ingest writes a telemetry window in one
+INSERT (the raw window JSON is kept); merging its 64 sketches into tile rows there would add
+a read-modify-write of 64+ rows per window to the ingest transaction. The tiler instead
+reads new telemetry rows by id (a cursor in `drift_cursor`) every tick, merges all windows
+of one bucket in memory (raw values in one vectorised update, see `fleet.drift.wire`) and
+writes each tile once per tick. Ingest pays nothing; tiles lag by at most one tick.
+
+A window's time is ``min(window_end, received_at)`` (a device clock in the future cannot
+push data into tomorrow's tile). Rows younger than ``grace_s`` wait for the next tick, so a
+transaction that got a smaller id but committed later is still picked up (if it commits
+within the grace period; a slower one is missed and logged as a gap in the cursor's ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlmodel import Session, col, select
+
+from fleet.drift.models import CLASSES_FEATURE, CONFIDENCE_FEATURE, DriftCursor, DriftTile
+from fleet.drift.wire import SketchAccumulator
+from fleet.models import TelemetryRecord, utcnow
+from protocol.errors import SketchError
+from protocol.sketch import FeatureSketch, SketchWire
+
+__all__ = [
+    "Bank",
+    "TileStats",
+    "bank_from_windows",
+    "bucket_of",
+    "read_tiles",
+    "tile_new_telemetry",
+]
+
+log = logging.getLogger(__name__)
+CURSOR = "telemetry"
+MAX_CLASSES = 4096
+
+
+@dataclass(slots=True)
+class Bank:
+    """Merged current data of one scope: numeric sketches and the class histogram."""
+
+    sketches: dict[str, FeatureSketch] = field(default_factory=dict)
+    classes: np.ndarray | None = None
+    windows: int = 0
+
+    @property
+    def inputs(self) -> dict[str, FeatureSketch]:
+        return {k: v for k, v in self.sketches.items() if not k.startswith("__")}
+
+
+@dataclass(slots=True)
+class _Builder:
+    """Accumulates windows of one scope before one merge per feature."""
+
+    accs: dict[str, SketchAccumulator] = field(default_factory=dict)
+    classes: np.ndarray | None = None
+    windows: int = 0
+    rejected: int = 0
+
+    def add_window(self, window: dict[str, Any]) -> None:
+        self.windows += 1
+        sketches = dict(window.get("input_sketches") or {})
+        if window.get("confidence"):
+            sketches[CONFIDENCE_FEATURE] = window["confidence"]
+        for name, wire in sketches.items():
+            acc = self.accs.get(name)
+            if acc is None:
+                acc = self.accs[name] = SketchAccumulator()
+            if not isinstance(wire, dict) or not acc.add_wire(wire):
+                self.rejected += 1
+        counts = window.get("output_class_counts") or []
+        if counts:
+            arr = np.asarray(counts[:MAX_CLASSES], dtype=np.int64).clip(min=0)
+            self.add_classes(arr)
+
+    def add_classes(self, arr: np.ndarray) -> None:
+        if self.classes is None:
+            self.classes = arr.copy()
+            return
+        if arr.size > self.classes.size:
+            self.classes = np.pad(self.classes, (0, arr.size - self.classes.size))
+        self.classes[: arr.size] += arr
+
+    def bank(self) -> Bank:
+        return Bank(
+            sketches={k: a.sketch() for k, a in self.accs.items() if a.windows},
+            classes=self.classes,
+            windows=self.windows,
+        )
+
+
+def bank_from_windows(windows: Iterable[dict[str, Any]]) -> Bank:
+    """Merge raw telemetry windows (TelemetryRecord.window JSON) into one bank."""
+    b = _Builder()
+    for w in windows:
+        b.add_window(w)
+    return b.bank()
+
+
+def bucket_of(t: datetime, tile_s: int) -> datetime:
+    """The start of the tile that holds time ``t``."""
+    epoch = int(t.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % tile_s, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TileStats:
+    rows: int
+    tiles_written: int
+    rejected_sketches: int
+    last_id: int
+
+
+def tile_new_telemetry(
+    session: Session,
+    *,
+    tile_s: int,
+    grace_s: float = 5.0,
+    batch_rows: int = 2000,
+    now: datetime | None = None,
+) -> TileStats:
+    """Merge telemetry rows newer than the cursor into tiles; commits. One batch per call."""
+    now = now or utcnow()
+    cursor = session.get(DriftCursor, CURSOR) or DriftCursor(name=CURSOR, last_id=0)
+    rows = session.exec(
+        select(  # type: ignore[call-overload]  # sqlmodel types up to 4 columns
+            TelemetryRecord.id,
+            TelemetryRecord.model_name,
+            TelemetryRecord.model_version,
+            TelemetryRecord.window_end,
+            TelemetryRecord.received_at,
+            TelemetryRecord.window,
+        )
+        .where(
+            col(TelemetryRecord.id) > cursor.last_id,
+            col(TelemetryRecord.received_at) <= now - timedelta(seconds=grace_s),
+        )
+        .order_by(col(TelemetryRecord.id))
+        .limit(batch_rows)
+    ).all()
+    groups: dict[tuple[str, int, datetime], _Builder] = defaultdict(_Builder)
+    last_id = cursor.last_id
+    for row_id, name, version, end, received, window in rows:
+        last_id = max(last_id, int(row_id))
+        if not name or version is None or not isinstance(window, dict):
+            continue
+        t = min(end, received) if received is not None else end
+        groups[(name, int(version), bucket_of(t, tile_s))].add_window(window)
+    written = rejected = 0
+    for (name, version, bucket), builder in groups.items():
+        rejected += builder.rejected
+        written += _write_tiles(session, name, version, bucket, tile_s, builder, now)
+    if rows:
+        cursor.last_id = last_id
+        cursor.updated_at = now
+        session.add(cursor)
+    session.commit()
+    if rejected:
+        log.warning("tiler skipped %d unusable sketches in %d rows", rejected, len(rows))
+    return TileStats(
+        rows=len(rows), tiles_written=written, rejected_sketches=rejected, last_id=last_id
+    )
+
+
+def _write_tiles(
+    session: Session,
+    name: str,
+    version: int,
+    bucket: datetime,
+    tile_s: int,
+    builder: _Builder,
+    now: datetime,
+) -> int:
+    existing = {
+        t.feature: t
+        for t in session.exec(
+            select(DriftTile).where(
+                DriftTile.model_name == name,
+                DriftTile.model_version == version,
+                DriftTile.cohort == "all",
+                DriftTile.bucket_start == bucket,
+            )
+        )
+    }
+    n = 0
+    for feature, acc in builder.accs.items():
+        if not acc.windows:
+            continue
+        tile = existing.get(feature)
+        if tile is not None and tile.sketch:
+            try:
+                acc.add_sketch(FeatureSketch.from_wire(SketchWire.model_validate(tile.sketch)))
+            except (SketchError, ValueError):
+                log.warning(
+                    "tile %s/%s/%s unreadable; rebuilt from new data", name, feature, bucket
+                )
+        merged = acc.sketch()
+        tile = tile or DriftTile(
+            model_name=name,
+            model_version=version,
+            feature=feature,
+            bucket_start=bucket,
+            bucket_s=tile_s,
+        )
+        tile.sketch = merged.to_wire().model_dump(mode="json")
+        tile.count, tile.nan_count = merged.count, merged.nan_count
+        tile.windows += acc.windows
+        tile.updated_at = now
+        session.add(tile)
+        n += 1
+    if builder.classes is not None:
+        tile = existing.get(CLASSES_FEATURE) or DriftTile(
+            model_name=name,
+            model_version=version,
+            feature=CLASSES_FEATURE,
+            kind="classes",
+            bucket_start=bucket,
+            bucket_s=tile_s,
+        )
+        old = np.asarray(tile.class_counts or [], dtype=np.int64)
+        b = _Builder(classes=old if old.size else None)
+        b.add_classes(builder.classes)
+        assert b.classes is not None
+        tile.class_counts = [int(x) for x in b.classes]
+        tile.count = int(b.classes.sum())
+        tile.windows += builder.windows
+        tile.updated_at = now
+        session.add(tile)
+        n += 1
+    return n
+
+
+def read_tiles(
+    session: Session, name: str, version: int, start: datetime, end: datetime, cohort: str = "all"
+) -> Bank:
+    """Merge every tile of one model version whose bucket starts in [start, end)."""
+    tiles = session.exec(
+        select(DriftTile).where(
+            DriftTile.model_name == name,
+            DriftTile.model_version == version,
+            DriftTile.cohort == cohort,
+            col(DriftTile.bucket_start) >= start,
+            col(DriftTile.bucket_start) < end,
+        )
+    ).all()
+    accs: dict[str, SketchAccumulator] = {}
+    b = _Builder()
+    windows: dict[str, int] = defaultdict(int)
+    for t in tiles:
+        windows[t.feature] += t.windows
+        if t.kind == "classes":
+            if t.class_counts:
+                b.add_classes(np.asarray(t.class_counts, dtype=np.int64))
+            continue
+        if not t.sketch:
+            continue
+        try:
+            s = FeatureSketch.from_wire(SketchWire.model_validate(t.sketch))
+        except (SketchError, ValueError):
+            continue
+        accs.setdefault(t.feature, SketchAccumulator(k=s.k)).add_sketch(s)
+    return Bank(
+        sketches={k: a.sketch() for k, a in accs.items()},
+        classes=b.classes,
+        # device windows merged (the best-covered feature's count)
+        windows=max(windows.values(), default=0),
+    )
