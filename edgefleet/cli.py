@@ -37,6 +37,11 @@ COMMANDS: dict[str, _Lazy] = {
     "rollout": _Lazy(target="fleet.rollout_cli:app", help="Staged rollouts.", extra="fleet"),
     "drift": _Lazy(target="fleet.drift_cli:app", help="Input drift reports.", extra="fleet"),
     "demo": _Lazy(target="edgefleet.demo:app", help="Run the end-to-end demo.", extra="all"),
+    "loadgen": _Lazy(
+        target="edgefleet.loadgen:app",
+        help="Simulate many devices speaking the real protocol.",
+        extra="agent",
+    ),
 }
 
 

@@ -16,7 +16,18 @@ from collections.abc import Sequence
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from fleet.ingest import IngestResult, IngestStats, Reason, handle
+from fleet.ingest import (
+    Decoded,
+    IngestResult,
+    IngestStats,
+    Reason,
+    apply,
+    decode,
+    handle,
+    store_telemetry,
+)
+from fleet.models import utcnow
+from protocol.messages import TelemetryWindow
 
 __all__ = ["IngestWorker", "ingest_batch"]
 
@@ -33,11 +44,18 @@ def _log_result(topic: str, result: IngestResult) -> None:
 def ingest_batch(
     engine: Engine, items: Sequence[tuple[str, bytes]], stats: IngestStats
 ) -> list[IngestResult]:
-    """Apply ``(topic, payload)`` pairs in one transaction; count each after it commits."""
+    """Apply ``(topic, payload)`` pairs in one transaction; count each after it commits.
+
+    Every message is decoded first, outside the transaction (decoding is most of the CPU,
+    and SQLite holds its write lock for the whole transaction). Runs of telemetry windows
+    are then stored with a few statements per run (`store_telemetry`); other messages go
+    through the ORM one by one, in order.
+    """
+    decoded = [decode(topic, payload) for topic, payload in items]
     results: list[IngestResult] | None = None
     try:
         with Session(engine) as session:
-            results = [handle(topic, payload, session) for topic, payload in items]
+            results = _apply_decoded(session, items, decoded)
             session.commit()
     except Exception:
         # e.g. another fleet process inserted the same device or window between our read
@@ -48,6 +66,36 @@ def ingest_batch(
         _log_result(topic, result)
         stats.record(result)
     return results
+
+
+def _apply_decoded(
+    session: Session,
+    items: Sequence[tuple[str, bytes]],
+    decoded: Sequence[Decoded | IngestResult],
+) -> list[IngestResult]:
+    now = utcnow()
+    results: list[IngestResult | None] = [None] * len(items)
+    windows: list[tuple[TelemetryWindow, bytes]] = []
+    window_at: list[int] = []
+
+    def flush_windows() -> None:
+        if windows:
+            for i, result in zip(window_at, store_telemetry(windows, session, now), strict=True):
+                results[i] = result
+            windows.clear()
+            window_at.clear()
+
+    for i, ((_, payload), msg) in enumerate(zip(items, decoded, strict=True)):
+        if isinstance(msg, IngestResult):
+            results[i] = msg
+        elif isinstance(msg, TelemetryWindow):
+            windows.append((msg, payload))
+            window_at.append(i)
+        else:
+            flush_windows()  # keep the order: a presence after these windows wins over them
+            results[i] = apply(msg, session, now)
+    flush_windows()
+    return [r for r in results if r is not None]
 
 
 def _one(engine: Engine, topic: str, payload: bytes) -> IngestResult:
