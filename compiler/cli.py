@@ -127,13 +127,14 @@ def compile_command(
 ) -> None:
     """Quantize/convert MODEL for a hardware profile, verify it, and write a signed bundle."""
     from rich.console import Console
+    from rich.markup import escape
 
     from compiler.errors import CompileError, GateRefusedError
     from compiler.pipeline import CompileOptions, NullProgress, compile_model
     from compiler.report import render_result, verification_table
 
     out_console = Console()
-    err_console = Console(stderr=True)
+    err_console = Console(stderr=True, log_path=False)
     options = CompileOptions(
         model_path=model,
         profile=profile,
@@ -172,7 +173,8 @@ def compile_command(
         else:
             if isinstance(exc, GateRefusedError) and not quiet:
                 err_console.print(verification_table(exc.report))
-            err_console.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+            # Messages hold shapes (float32[?, 1, 8, 8]): escaped, or rich eats them as markup.
+            err_console.print(f"[red]error[/]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_GATE if isinstance(exc, GateRefusedError) else EXIT_ERROR) from None
     if json_out:
         typer.echo(json.dumps({"ok": True, **result.summary()}, indent=2, sort_keys=True))

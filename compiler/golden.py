@@ -23,6 +23,8 @@ from compiler.verify import is_classifier_output
 
 __all__ = [
     "GOLDEN_COUNT",
+    "GOLDEN_MAX",
+    "GOLDEN_MIN",
     "GOLDEN_PATH",
     "GoldenSet",
     "deterministic_npz",
@@ -32,6 +34,9 @@ __all__ = [
 
 GOLDEN_PATH = "golden/golden.npz"
 GOLDEN_COUNT = 16
+#: the agent's self-test wants enough pairs to catch a wrong model, few enough to run fast
+GOLDEN_MIN = 8
+GOLDEN_MAX = 32
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

@@ -45,6 +45,7 @@ TENSORRT_PROBLEM_OPS: dict[str, str] = {
     "RandomUniform": "random ops are not supported in TensorRT engines",
 }
 
+_TRT_EP = "TensorrtExecutionProvider"
 _ORT_MISSING = re.compile(
     r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
 )
@@ -260,7 +261,9 @@ def check_ops(model: LoadedModel, profile: HardwareProfile) -> list[OpIssue]:
     if issues:
         listed = "; ".join(f"{i.node} ({i.op_type}): {i.reason}" for i in issues)
         raise UnsupportedOpError(f"the model holds operators the runtime cannot run: {listed}")
-    if profile.backend == "tensorrt":
+    # Jetson (backend tensorrt) and x86-cuda (ORT with the TensorRT EP first) both meet
+    # TensorRT's ONNX parser; what it rejects falls back to CUDA/CPU or splits the engine.
+    if profile.backend == "tensorrt" or _TRT_EP in profile.runtime.execution_providers:
         for node in model.proto.graph.node:
             reason = TENSORRT_PROBLEM_OPS.get(node.op_type)
             if reason is not None:

@@ -24,11 +24,12 @@ from compiler.baseline import BASELINE_PATH, baseline_bytes, build_baseline
 from compiler.data import Dataset, load_dataset
 from compiler.errors import (
     CompileError,
+    DatasetError,
     GateRefusedError,
     ProfileNotFoundError,
     SigningKeyError,
 )
-from compiler.golden import GOLDEN_COUNT, GOLDEN_PATH, pick_golden
+from compiler.golden import GOLDEN_COUNT, GOLDEN_MAX, GOLDEN_MIN, GOLDEN_PATH, pick_golden
 from compiler.model import LoadedModel, OpIssue, check_ops, load_model
 from compiler.onnx_target import onnx_runner
 from compiler.package import BundleFile, bundle_name, make_manifest, write_signed_bundle
@@ -303,7 +304,11 @@ def _try(ctx: _Context, precision: Precision, quant: QuantConfig | None, label: 
         ctx.model.outputs,
         labels=ctx.heldout.labels,
         gate=ctx.gate,
-        runtime=f"onnxruntime CPUExecutionProvider (host), {ctx.threads} threads",
+        runtime=(
+            f"LiteRT interpreter (host), {ctx.threads} threads"
+            if artifact.format == "tflite"
+            else f"onnxruntime CPUExecutionProvider (host), {ctx.threads} threads"
+        ),
         notes=[*ctx.notes, *artifact.notes],
     )
     snrs = [c.snr_db for c in report.outputs if c.snr_db is not None]
@@ -422,15 +427,34 @@ def _auto(
     return first, attempts, sens
 
 
-def _latency_ms(runner: Callable[..., Any], feed: dict[str, np.ndarray], runs: int) -> float:
+def _paired_latency_ms(
+    float_run: Callable[..., Any], artifact_run: Callable[..., Any], feed: Any, runs: int
+) -> tuple[float, float, float]:
+    """(float median ms, artifact median ms, median of per-pair ratios), runs interleaved.
+
+    Alternating the two models puts load from other processes on both sides of each pair,
+    so the ratio holds on a busy build machine where back-to-back medians would not.
+    """
     for _ in range(3):
-        runner(feed)
-    times = []
+        float_run(feed)
+        artifact_run(feed)
+    f_times: list[float] = []
+    a_times: list[float] = []
+    ratios: list[float] = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        runner(feed)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return round(statistics.median(times), 4)
+        float_run(feed)
+        t1 = time.perf_counter()
+        artifact_run(feed)
+        t2 = time.perf_counter()
+        f_times.append((t1 - t0) * 1000.0)
+        a_times.append((t2 - t1) * 1000.0)
+        ratios.append((t2 - t1) / (t1 - t0) if t1 > t0 else 1.0)
+    return (
+        round(statistics.median(f_times), 4),
+        round(statistics.median(a_times), 4),
+        round(statistics.median(ratios), 4),
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -452,6 +476,10 @@ def compile_model(options: CompileOptions, *, progress: Progress | None = None) 
     created_at, reproducible = resolve_created_at(options.created_at)
     if options.expires_days < 1:
         raise CompileError(f"--expires-days must be >= 1 (got {options.expires_days})")
+    if not GOLDEN_MIN <= options.golden_count <= GOLDEN_MAX:
+        raise CompileError(
+            f"golden_count must be {GOLDEN_MIN}..{GOLDEN_MAX} (got {options.golden_count})"
+        )
     name = _model_name(options)
 
     progress.stage("checking profile, key, model and data")
@@ -464,6 +492,12 @@ def compile_model(options: CompileOptions, *, progress: Progress | None = None) 
     issues = check_ops(model, profile)
     calibration = load_dataset(Path(options.calibration_path), model.inputs, role="calibration")
     heldout = load_dataset(Path(options.heldout_path), model.inputs, role="held-out")
+    if heldout.count < options.golden_count:
+        raise DatasetError(
+            f"held-out data {options.heldout_path} has {heldout.count} sample(s); verification "
+            f"and the {options.golden_count} golden pairs need at least {options.golden_count} "
+            f"(a few hundred give a meaningful accuracy figure)"
+        )
     if calibration.sha256 == heldout.sha256:
         raise CompileError(
             "the held-out data is the calibration data; verify on samples the quantizer "
@@ -574,8 +608,14 @@ def compile_model(options: CompileOptions, *, progress: Progress | None = None) 
         host = _host_figures(ctx, artifact, options.latency_runs)
         manifest_host = dict(host)
         if reproducible:
-            # Timings differ run to run; a pinned creation time asks for identical bytes.
-            for k in ("float_latency_ms_median", "artifact_latency_ms_median", "latency_ratio"):
+            # Timings differ run to run (and the thread count host to host); a pinned
+            # creation time asks for identical bytes.
+            for k in (
+                "float_latency_ms_median",
+                "artifact_latency_ms_median",
+                "latency_ratio",
+                "latency_threads",
+            ):
                 manifest_host.pop(k, None)
             manifest_host["latency_note"] = (
                 "host latency left out: reproducible build (created_at pinned)"
@@ -675,16 +715,32 @@ def _host_figures(ctx: _Context, artifact: BuiltArtifact, runs: int) -> dict[str
         "threads": ctx.threads,
     }
     if runs > 0:
+        # More threads than this host has cores (a 4-thread Jetson profile on a 2-core build
+        # box) would measure oversubscription, not the model.
+        threads = max(1, min(ctx.threads, _host_cores()))
         feed = ctx.heldout.take(np.arange(1))
-        f_ms = _latency_ms(onnx_runner(ctx.model.serialized(), threads=ctx.threads), feed, runs)
-        a_ms = _latency_ms(ctx.target.runner(artifact, threads=ctx.threads), feed, runs)
+        f_ms, a_ms, ratio = _paired_latency_ms(
+            onnx_runner(ctx.model.serialized(), threads=threads),
+            ctx.target.runner(artifact, threads=threads),
+            feed,
+            runs,
+        )
         figures.update(
             {
+                "latency_threads": threads,
                 "latency_runs": runs,
                 "latency_batch": 1,
                 "float_latency_ms_median": f_ms,
                 "artifact_latency_ms_median": a_ms,
-                "latency_ratio": round(a_ms / f_ms, 4) if f_ms else None,
+                # median of per-pair ratios (runs interleaved), not a ratio of medians
+                "latency_ratio": ratio,
+                "latency_method": "interleaved float/artifact pairs",
             }
         )
     return figures
+
+
+def _host_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

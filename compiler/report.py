@@ -27,6 +27,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def verification_table(report: VerificationReport, *, title: str = "Verification") -> Table:
     """The artifact-vs-float figures of a manifest's `verification`, one row per output."""
+    from rich.markup import escape
     from rich.table import Table
 
     status = "[green]passed[/]" if report.passed else "[red]refused[/]"
@@ -39,8 +40,9 @@ def verification_table(report: VerificationReport, *, title: str = "Verification
             f"(drop {_fmt(report.top1_drop_points, '.2f')} points)"
         )
     if report.runtime:
-        caption.append(f"run on {report.runtime}")
-    caption.extend(report.notes)
+        caption.append(f"run on {escape(report.runtime)}")
+    # Notes quote ORT and shapes ("float32[?, 8]"): escaped, or rich reads them as markup.
+    caption.extend(escape(n) for n in report.notes)
     table = Table(title=title, caption="\n".join(caption), caption_justify="left")
     table.add_column("output")
     table.add_column("samples", justify="right")
@@ -121,9 +123,12 @@ def render_result(result: CompileResult, console: Any) -> None:
         console.print(attempts_table(result.attempts))
     if result.sensitivity:
         console.print(sensitivity_table(result.sensitivity))
+    from rich.markup import escape
+
     for issue in result.op_issues:
         console.print(
-            f"[yellow]{issue.severity}[/]: {issue.node} ({issue.op_type}): {issue.reason}"
+            f"[yellow]{issue.severity}[/]: "
+            + escape(f"{issue.node} ({issue.op_type}): {issue.reason}")
         )
     h = result.host_figures
     line = (
@@ -132,7 +137,8 @@ def render_result(result: CompileResult, console: Any) -> None:
     )
     if "artifact_latency_ms_median" in h:
         line += (
-            f"; host latency (median of {h['latency_runs']}, batch 1, {h['threads']} threads) "
+            f"; host latency (median of {h['latency_runs']}, batch 1, "
+            f"{h.get('latency_threads', h['threads'])} threads) "
             f"float {h['float_latency_ms_median']:.3f} ms, artifact "
             f"{h['artifact_latency_ms_median']:.3f} ms"
         )

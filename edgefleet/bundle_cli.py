@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from protocol.bundle import BundleReader, file_sha256
@@ -65,6 +66,8 @@ def render_manifest(m: BundleManifest, sha256: str, console: Console) -> None:
                 f"top-1 accuracy: float {v.float_top1_accuracy:.2%}, artifact "
                 f"{v.artifact_top1_accuracy:.2%}, drop {v.top1_drop_points:.2f} points"
             )
+        for note in v.notes:
+            console.print(f"note: {escape(note)}")
         console.print(f"gate {v.gate}: {'[green]passed' if v.passed else '[red]failed'}")
     if m.quantization:
         console.print(f"quantization: {json.dumps(m.quantization, sort_keys=True)[:400]}")
@@ -82,7 +85,7 @@ def inspect_cmd(
         reader = BundleReader(file)
         manifest = reader.unverified_manifest()
     except ProtocolError as exc:
-        _err.print(f"[red]error:[/red] {exc}")
+        _err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     sha = file_sha256(file)
     if as_json:
@@ -106,7 +109,7 @@ def verify_cmd(
         root = TrustRoot.load(trust)
         verified = BundleReader(file).verify(root, profile=profile)
     except ProtocolError as exc:
-        _err.print(f"[red]verification failed ({exc.code}):[/red] {exc}")
+        _err.print(f"[red]verification failed ({exc.code}):[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     m = verified.manifest
     typer.echo(

@@ -19,7 +19,6 @@ from compiler.errors import (
     PrecisionError,
     ProfileNotFoundError,
     SigningKeyError,
-    TargetUnavailableError,
 )
 from compiler.golden import deterministic_npz
 from compiler.model import load_model
@@ -321,10 +320,18 @@ def test_missing_key_file(base_options, tmp_path):
         compile_model(replace(base_options, key_path=tmp_path / "absent.pem"))
 
 
-@pytest.mark.parametrize("profile", ["raspberry-pi-4", "raspberry-pi-5"])
-def test_tflite_profiles_say_not_available_yet(base_options, profile):
-    with pytest.raises(TargetUnavailableError, match="TFLite conversion is not available yet"):
-        compile_model(replace(base_options, profile=profile))
+def test_tflite_profile_makes_a_verified_tflite_bundle(base_options):
+    result = compile_model(replace(base_options, profile="raspberry-pi-5"))
+    m = result.manifest
+    assert (m.artifact.format, m.artifact.runtime, m.artifact.precision) == (
+        "tflite",
+        "tflite",
+        "int8",
+    )
+    assert m.verification is not None and m.verification.passed
+    assert "LiteRT" in m.verification.runtime
+    assert m.verification.top1_drop_points is not None
+    assert m.verification.top1_drop_points <= 0.5
 
 
 def test_precision_not_allowed_lists_allowed(base_options):
