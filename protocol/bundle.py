@@ -222,7 +222,10 @@ class BundleReader:
             m = tar.extractfile(first)
             s = tar.extractfile(second)
             assert m is not None and s is not None
-            mraw, sraw = m.read(), s.read()
+            try:
+                mraw, sraw = m.read(), s.read()
+            except tarfile.TarError as exc:
+                raise BundleFormatError(f"{self.path}: truncated bundle: {exc}") from exc
             if len(mraw) != first.size or len(sraw) != second.size:
                 raise BundleFormatError(f"{self.path}: truncated bundle")
             return mraw, sraw
@@ -255,7 +258,10 @@ class BundleReader:
             device_id=device_id,
             device_tags=device_tags,
         )
-        self._check_files(manifest, extract_to)
+        try:
+            self._check_files(manifest, extract_to)
+        except tarfile.TarError as exc:  # truncated or corrupt after a good head
+            raise BundleFormatError(f"{self.path}: corrupt bundle: {exc}") from exc
         return VerifiedBundle(
             manifest=manifest,
             manifest_raw=self._manifest_raw,

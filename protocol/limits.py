@@ -7,6 +7,8 @@ from typing import Final
 __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_BUNDLE_FILES",
+    "MAX_CHUNK_BYTES",
+    "MAX_CHUNK_INDEXES",
     "MAX_DEVICE_ID_CHARS",
     "MAX_FEATURES",
     "MAX_MANIFEST_BYTES",
@@ -29,3 +31,6 @@ MAX_TRUST_ROOT_BYTES: Final = 256 * 1024
 MAX_SIGNATURES: Final = 16
 MAX_BUNDLE_FILES: Final = 64
 MAX_BUNDLE_BYTES: Final = 2 * 1024 * 1024 * 1024
+#: One bundle chunk's payload (the frame adds a small JSON header), and chunks per request.
+MAX_CHUNK_BYTES: Final = 1024 * 1024
+MAX_CHUNK_INDEXES: Final = 64

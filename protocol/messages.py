@@ -18,25 +18,44 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from protocol.errors import MessageDecodeError, MessageTooLargeError, TopicError
-from protocol.limits import MAX_FEATURES, MAX_MESSAGE_BYTES, MAX_TELEMETRY_BYTES
+from protocol.limits import (
+    MAX_CHUNK_BYTES,
+    MAX_CHUNK_INDEXES,
+    MAX_FEATURES,
+    MAX_MESSAGE_BYTES,
+    MAX_TELEMETRY_BYTES,
+)
 from protocol.sketch import SketchWire
 from protocol.topics import validate_device_id
 
 __all__ = [
+    "LABEL_LAG_BOUNDS_S",
     "SCHEMA_VERSION",
     "BatteryReading",
+    "BenchResult",
+    "ChunkHeader",
+    "ChunkRequest",
     "Command",
+    "ConfidenceSums",
     "DeployCommand",
     "Heartbeat",
     "InstallState",
+    "LabelCommand",
+    "LabelEntry",
+    "LabelReport",
+    "LabelStats",
     "Message",
     "Presence",
     "ReasonCode",
     "RollbackCommand",
+    "ShadowStats",
     "StatusEvent",
     "TelemetryWindow",
+    "TrustRootCommand",
+    "decode_chunk",
     "decode_command",
     "decode_message",
+    "encode_chunk",
     "encode_message",
     "new_id",
     "utcnow",
@@ -98,6 +117,8 @@ class DeployCommand(_Wire):
     rollout_id: str | None = Field(default=None, max_length=64)
     shadow: bool = False
     shadow_sample_rate: float = Field(default=0.1, gt=0.0, le=1.0)
+    #: how to fetch: chunks over MQTT (HTTP range as fallback) or HTTP only; None = agent's choice
+    transfer: Literal["mqtt", "http"] | None = None
 
 
 class RollbackCommand(_Wire):
@@ -110,7 +131,43 @@ class RollbackCommand(_Wire):
     reason: str = Field(default="", max_length=512)
 
 
-Command = Annotated[DeployCommand | RollbackCommand, Field(discriminator="kind")]
+class TrustRootCommand(_Wire):
+    """Install newer trust roots: root documents (JSON text), each version's successor.
+
+    The device walks them from its installed version with `TrustRoot.update_chain`; a chain
+    that does not verify is refused and the installed root stays.
+    """
+
+    kind: Literal["trust_root"] = "trust_root"
+    command_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    roots: tuple[Annotated[str, Field(max_length=MAX_MESSAGE_BYTES)], ...] = Field(
+        min_length=1, max_length=64
+    )
+    model_config = ConfigDict(frozen=True, extra="ignore", str_max_length=MAX_MESSAGE_BYTES)
+
+
+class LabelEntry(BaseModel):
+    """One true label for a prediction the device made, named by id or by input hash."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    prediction_id: str | None = Field(default=None, min_length=1, max_length=64)
+    input_hash: Sha256Hex | None = None
+    #: class index, class name, or one of those per row of a batched prediction
+    label: int | str | list[int | str]
+    labeled_at: datetime | None = None
+
+
+class LabelCommand(_Wire):
+    """Ground truth that reached the fleet (REST): the device joins it to its predictions."""
+
+    kind: Literal["label"] = "label"
+    command_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    labels: tuple[LabelEntry, ...] = Field(min_length=1, max_length=1000)
+
+
+Command = Annotated[
+    DeployCommand | RollbackCommand | TrustRootCommand | LabelCommand, Field(discriminator="kind")
+]
 
 
 # -- events (device -> fleet) ------------------------------------------------------------
@@ -131,6 +188,7 @@ class InstallState(StrEnum):
     REJECTED = "rejected"  # refused before touching the running model
     FAILED = "failed"  # gave up before switching; the old model still runs
     ROLLED_BACK = "rolled_back"  # an explicit rollback command completed
+    SHADOWING = "shadowing"  # a shadow deploy is installed beside the active model (not served)
 
 
 class ReasonCode(StrEnum):
@@ -174,6 +232,73 @@ class BatteryReading(BaseModel):
     power_w: float | None = None
 
 
+class ShadowStats(BaseModel):
+    """How a shadow candidate compared with the served model on sampled real inputs."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    bundle_sha256: Sha256Hex
+    samples: int = Field(ge=0)
+    #: fraction of samples where both models' top-1 class agree (classifiers only)
+    top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: mean absolute difference of the first output, over every value of every sample
+    mean_abs_error: float | None = Field(default=None, ge=0.0)
+    latency_ms: SketchWire | None = None
+    errors: int = Field(default=0, ge=0)
+    #: samples skipped because the shadow queue was full (the served path never waits)
+    skipped: int = Field(default=0, ge=0)
+
+
+#: upper bounds (s) of the label-lag histogram buckets; one more bucket counts the rest
+LABEL_LAG_BOUNDS_S: tuple[float, ...] = (
+    60.0, 300.0, 900.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0, 86400.0, 2 * 86400.0,
+    7 * 86400.0,
+)  # fmt: skip
+
+
+class LabelStats(BaseModel):
+    """Labels joined on the device to predictions of one model, made in one hour.
+
+    Everything merges by addition: ``confusion`` holds [predicted, true, count] cells (a
+    sparse confusion matrix), ``lag_counts`` a histogram over `LABEL_LAG_BOUNDS_S`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    bundle_sha256: Sha256Hex | None = None
+    model_name: str | None = Field(default=None, max_length=128)
+    model_version: int | None = None
+    #: start of the hour (UTC) in which the labelled predictions were made
+    predicted_hour: datetime
+    confusion: list[tuple[int, int, int]] = Field(default_factory=list, max_length=4096)
+    lag_counts: list[int] = Field(default_factory=list, max_length=64)
+    lag_sum_s: float = Field(default=0.0, ge=0.0)
+    #: joined labels whose lag exceeded the device's late threshold (still counted once)
+    late: int = Field(default=0, ge=0)
+
+
+class LabelReport(BaseModel):
+    """Ground truth received by the device in one window: joined cells and refusals."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    joined: list[LabelStats] = Field(default_factory=list, max_length=256)
+    #: labels not joined, by reason: unknown_prediction, duplicate, wrong_type
+    rejected: dict[Annotated[str, Field(max_length=64)], int] = Field(default_factory=dict)
+
+
+class ConfidenceSums(BaseModel):
+    """The window's predictions summed for a label-free accuracy estimate (merge: add)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    rows: int = Field(ge=0)
+    #: sum over rows of the calibrated top-1 probability (estimated correct predictions)
+    calibrated_max_sum: float = Field(ge=0.0)
+    #: the same before calibration (softmax of the raw outputs)
+    raw_max_sum: float = Field(ge=0.0)
+    #: per class, the sum of calibrated predicted probabilities
+    class_prob_sums: list[float] = Field(default_factory=list, max_length=4096)
+    #: False when the bundle carries no calibration map (calibrated = raw)
+    calibrated: bool = False
+
+
 class TelemetryWindow(_Wire):
     """What one device saw in one time window. ``seq`` lets the fleet drop duplicates."""
 
@@ -205,6 +330,13 @@ class TelemetryWindow(_Wire):
     merged_windows: int = Field(default=1, ge=1)
     dropped_windows: int = Field(default=0, ge=0)
     extra: dict[str, Any] = Field(default_factory=dict)
+    shadow: ShadowStats | None = None
+    #: ground truth joined on the device (absent: no labels arrived in this window)
+    labels: LabelReport | None = None
+    #: confidence sums for the label-free accuracy estimate (classifiers only)
+    estimate: ConfidenceSums | None = None
+    #: CPU time the agent's process used in the window (user + system), absent if unknown
+    cpu_time_s: float | None = Field(default=None, ge=0.0)
 
     @field_validator("input_sketches")
     @classmethod
@@ -212,6 +344,24 @@ class TelemetryWindow(_Wire):
         if len(v) > MAX_FEATURES:
             raise ValueError(f"{len(v)} input sketches; at most {MAX_FEATURES}")
         return v
+
+
+class BenchResult(BaseModel):
+    """``edgefleet agent bench``: the installed model measured on the device itself."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    bundle_sha256: Sha256Hex
+    measured_at: datetime
+    backend: str = Field(max_length=256)
+    batch: int = Field(ge=1)
+    runs: int = Field(ge=1)
+    latency_p50_ms: float = Field(ge=0.0)
+    latency_p90_ms: float = Field(ge=0.0)
+    latency_p99_ms: float = Field(ge=0.0)
+    throughput_per_s: float = Field(ge=0.0)
+    #: resident memory of the bench process after loading and running the model
+    mem_rss_bytes: int | None = None
+    load_ms: float | None = None
 
 
 class Heartbeat(_Wire):
@@ -225,6 +375,8 @@ class Heartbeat(_Wire):
     model_version: int | None = None
     uptime_s: float = Field(ge=0.0)
     tags: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=32)
+    #: the latest on-device benchmark of the active model, if one was run
+    bench: BenchResult | None = None
 
 
 class Presence(_Wire):
@@ -234,8 +386,43 @@ class Presence(_Wire):
     online: bool
 
 
+class ChunkRequest(_Wire):
+    """Device -> fleet on ``chunk_req``: send these chunks of a bundle on my ``chunk`` topic."""
+
+    kind: Literal["chunk_request"] = "chunk_request"
+    bundle_sha256: Sha256Hex
+    chunk_size: int = Field(ge=4096, le=MAX_CHUNK_BYTES)
+    indexes: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        min_length=1, max_length=MAX_CHUNK_INDEXES
+    )
+
+
+class ChunkHeader(_Wire):
+    """The JSON header of one chunk frame (fleet -> device on ``chunk``); raw bytes follow.
+
+    ``error`` set means no data: the fleet cannot serve this bundle (e.g. unknown bundle).
+    """
+
+    kind: Literal["chunk"] = "chunk"
+    bundle_sha256: Sha256Hex
+    index: int = Field(ge=0)
+    chunk_size: int = Field(ge=4096, le=MAX_CHUNK_BYTES)
+    total_size: int = Field(ge=0)
+    sha256: Sha256Hex | None = None
+    error: str | None = Field(default=None, max_length=512)
+
+
 Message = Annotated[
-    DeployCommand | RollbackCommand | StatusEvent | TelemetryWindow | Heartbeat | Presence,
+    DeployCommand
+    | RollbackCommand
+    | TrustRootCommand
+    | LabelCommand
+    | StatusEvent
+    | TelemetryWindow
+    | Heartbeat
+    | Presence
+    | ChunkRequest
+    | ChunkHeader,
     Field(discriminator="kind"),
 ]
 
@@ -286,9 +473,49 @@ def decode_message(raw: bytes, *, expect: type[BaseModel] | None = None) -> Any:
     return msg
 
 
-def decode_command(raw: bytes) -> DeployCommand | RollbackCommand:
-    """Parse a command (deploy or rollback); anything else is a MessageDecodeError."""
+def decode_command(
+    raw: bytes,
+) -> DeployCommand | RollbackCommand | TrustRootCommand | LabelCommand:
+    """Parse a command (deploy, rollback, trust root, label); else a MessageDecodeError."""
     msg = decode_message(raw)
-    if not isinstance(msg, DeployCommand | RollbackCommand):
+    if not isinstance(msg, DeployCommand | RollbackCommand | TrustRootCommand | LabelCommand):
         raise MessageDecodeError(f"expected a command, got kind {msg.kind!r}")
     return msg
+
+
+# -- chunk frames: a small binary framing, so chunk bytes are not base64-inflated ---------
+
+CHUNK_MAGIC = b"EFC1"
+_CHUNK_HEADER_MAX = 4096
+
+
+def encode_chunk(header: ChunkHeader, data: bytes) -> bytes:
+    """``EFC1`` + 4-byte big-endian header length + header JSON + raw chunk bytes."""
+    if len(data) > MAX_CHUNK_BYTES:
+        raise MessageTooLargeError(f"chunk is {len(data)} bytes; the limit is {MAX_CHUNK_BYTES}")
+    head = header.model_dump_json().encode("utf-8")
+    if len(head) > _CHUNK_HEADER_MAX:
+        raise MessageTooLargeError(f"chunk header is {len(head)} bytes")
+    return CHUNK_MAGIC + len(head).to_bytes(4, "big") + head + data
+
+
+def decode_chunk(raw: bytes) -> tuple[ChunkHeader, bytes]:
+    """Split a chunk frame; MessageDecodeError if malformed, MessageTooLargeError if too big.
+
+    The data's sha256 is NOT checked here (the receiver does, against ``header.sha256``).
+    """
+    if len(raw) > MAX_CHUNK_BYTES + _CHUNK_HEADER_MAX + 8:
+        raise MessageTooLargeError(f"chunk frame is {len(raw)} bytes; too large")
+    if len(raw) < 8 or raw[:4] != CHUNK_MAGIC:
+        raise MessageDecodeError("not a chunk frame (missing EFC1 magic)")
+    n = int.from_bytes(raw[4:8], "big")
+    if n > _CHUNK_HEADER_MAX or 8 + n > len(raw):
+        raise MessageDecodeError(f"chunk frame header length {n} is invalid")
+    try:
+        header = ChunkHeader.model_validate_json(raw[8 : 8 + n])
+    except ValidationError as exc:
+        raise MessageDecodeError(f"invalid chunk header: {_describe(exc)}") from exc
+    data = raw[8 + n :]
+    if len(data) > header.chunk_size:
+        raise MessageDecodeError(f"chunk {header.index} carries more than chunk_size bytes")
+    return header, data

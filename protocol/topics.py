@@ -39,10 +39,12 @@ class Channel(StrEnum):
     TELEMETRY = "telemetry"  # up: one message per time window
     HEARTBEAT = "heartbeat"  # up: periodic, carries the reported state
     PRESENCE = "presence"  # up: retained; the last will says offline
+    CHUNK_REQUEST = "chunk_req"  # up: the agent asks for bundle chunks (ChunkRequest)
+    CHUNK = "chunk"  # down: one bundle chunk (binary frame, see protocol.messages.encode_chunk)
 
     @property
     def upward(self) -> bool:
-        return self is not Channel.COMMAND
+        return self not in (Channel.COMMAND, Channel.CHUNK)
 
 
 @dataclass(frozen=True, slots=True)

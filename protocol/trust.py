@@ -5,13 +5,19 @@ document (version, expiry, keys, roles with thresholds, revoked key ids) and the
 ``signatures`` over its canonical bytes. A root is trusted when a threshold of its own root
 keys signed it; root N+1 is trusted only when a threshold of root N's root keys *and* a
 threshold of its own signed it.
+
+Rotation and revocation build successors (`TrustRoot.successor`); devices walk a chain of
+successors (`TrustRoot.update_chain`) the way TUF clients update their root: one version at
+a time, each signed by a threshold of the previous root's keys and of its own, and the last
+one must not have expired.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,9 +25,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from protocol.canonical import canonical_bytes
 from protocol.errors import ExpiredError, TrustRootError
 from protocol.limits import MAX_TRUST_ROOT_BYTES
-from protocol.signing import Signature, SigningKey, public_key_from_hex, verify_threshold
+from protocol.signing import (
+    Signature,
+    SigningKey,
+    keyid_of,
+    public_key_from_hex,
+    public_key_hex,
+    verify_threshold,
+)
 
-__all__ = ["KeyEntry", "RoleSpec", "RootDocument", "SignedRoot", "TrustRoot"]
+__all__ = [
+    "MAX_ROOT_CHAIN",
+    "KeyEntry",
+    "RoleSpec",
+    "RootDocument",
+    "SignedRoot",
+    "TrustRoot",
+    "TrustRootExpiredError",
+]
+
+#: the most successors one update may walk (each is small; this bounds the work)
+MAX_ROOT_CHAIN: Final = 64
+
+
+class TrustRootExpiredError(ExpiredError):
+    """The trust root itself expired (indefinite-freeze defence): install a newer root."""
+
+    code = "trust_root_expired"
 
 
 class KeyEntry(BaseModel):
@@ -87,8 +117,6 @@ class TrustRoot:
         extra_signers: tuple[SigningKey, ...] = (),
     ) -> TrustRoot:
         """Make and sign a root document (extra_signers: the previous root's keys)."""
-        from protocol.signing import keyid_of, public_key_hex
-
         keys: dict[str, KeyEntry] = {}
         root_ids: list[str] = []
         release_ids: list[str] = []
@@ -110,12 +138,85 @@ class TrustRoot:
             },
             revoked_keyids=revoked_keyids,
         )
+        return TrustRoot.from_bytes(TrustRoot._sign(doc, (*root_keys, *extra_signers)))
+
+    @staticmethod
+    def _sign(doc: RootDocument, signers: Sequence[SigningKey]) -> bytes:
         signed = canonical_bytes(doc.model_dump(mode="json"))
-        sigs = tuple(k.sign(signed) for k in (*root_keys, *extra_signers))
-        raw = canonical_bytes(
-            {"signed": doc.model_dump(mode="json"), "signatures": [s.model_dump() for s in sigs]}
+        unique = {k.keyid: k for k in signers}  # one signature per key
+        sigs = [k.sign(signed).model_dump() for k in unique.values()]
+        return canonical_bytes({"signed": doc.model_dump(mode="json"), "signatures": sigs})
+
+    def successor(
+        self,
+        *,
+        signers: Sequence[SigningKey],
+        expires_at: datetime,
+        add_release: Sequence[Ed25519PublicKey] = (),
+        revoke: Sequence[str] = (),
+        new_root_keys: Sequence[SigningKey] | None = None,
+        root_threshold: int | None = None,
+        release_threshold: int | None = None,
+    ) -> TrustRoot:
+        """Make root version N+1 and check it verifies as this root's successor.
+
+        ``signers`` are this root's root keys (a threshold of them must be given);
+        ``new_root_keys`` replaces the root role (its keys sign too: a rotation is signed
+        by old AND new). ``revoke`` names release (or root) key ids that may never sign
+        again; ``add_release`` adds release keys.
+        """
+        doc = self.document
+        keys = dict(doc.keys)
+        roles = {name: spec for name, spec in doc.roles.items()}
+        revoked = list(doc.revoked_keyids)
+        for kid in revoke:
+            if kid not in keys:
+                raise TrustRootError(f"cannot revoke {kid[:16]}...: no such key in the root")
+            if kid not in revoked:
+                revoked.append(kid)
+        release_ids = list(roles["release"].keyids)
+        for pub in add_release:
+            kid = keyid_of(pub)
+            if kid in revoked:
+                raise TrustRootError(f"key {kid[:16]}... was revoked; make a new release key")
+            keys[kid] = KeyEntry(public=public_key_hex(pub))
+            if kid not in release_ids:
+                release_ids.append(kid)
+        root_signers = list(new_root_keys) if new_root_keys is not None else list(signers)
+        root_ids = (
+            [k.keyid for k in new_root_keys]
+            if new_root_keys is not None
+            else list(roles["root"].keyids)
         )
-        return TrustRoot.from_bytes(raw)
+        for k in root_signers:
+            keys[k.keyid] = KeyEntry(public=public_key_hex(k.public))
+        if new_root_keys is not None:
+            # old root keys stay listed (so `keys show` can say what they were) but revoked
+            for kid in roles["root"].keyids:
+                if kid not in root_ids and kid not in revoked:
+                    revoked.append(kid)
+        live_release = [k for k in release_ids if k not in revoked]
+        rel_threshold = release_threshold or roles["release"].threshold
+        if len(live_release) < rel_threshold:
+            raise TrustRootError(
+                f"the new root would have {len(live_release)} usable release key(s) but needs "
+                f"{rel_threshold} to sign a bundle; add a release key first"
+            )
+        new_doc = RootDocument(
+            version=doc.version + 1,
+            expires_at=expires_at,
+            keys=keys,
+            roles={
+                "root": RoleSpec(
+                    keyids=tuple(root_ids),
+                    threshold=root_threshold or roles["root"].threshold,
+                ),
+                "release": RoleSpec(keyids=tuple(release_ids), threshold=rel_threshold),
+            },
+            revoked_keyids=tuple(revoked),
+        )
+        raw = TrustRoot._sign(new_doc, (*signers, *root_signers))
+        return self.verify_successor(raw)
 
     @staticmethod
     def _parse(raw: bytes) -> tuple[SignedRoot, bytes]:
@@ -135,7 +236,10 @@ class TrustRoot:
                 raise TrustRootError(f"role {role!r} names unknown key ids {missing}")
         if set(doc.roles) != {"root", "release"}:
             raise TrustRootError("trust root must define the roles 'root' and 'release'")
-        return signed_root, canonical_bytes(obj["signed"])
+        try:
+            return signed_root, canonical_bytes(obj["signed"])
+        except ValueError as exc:  # NaN / Infinity: no canonical form, so nothing to verify
+            raise TrustRootError(f"trust root cannot be canonicalized: {exc}") from exc
 
     @staticmethod
     def from_bytes(raw: bytes) -> TrustRoot:
@@ -189,7 +293,7 @@ class TrustRoot:
     def check_not_expired(self, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)
         if self.document.expires_at <= now:
-            raise ExpiredError(
+            raise TrustRootExpiredError(
                 f"trust root version {self.version} expired at "
                 f"{self.document.expires_at.isoformat()}; install a newer root"
             )
@@ -217,3 +321,37 @@ class TrustRoot:
             what=f"trust root version {new.version} (by its own keys)",
         )
         return TrustRoot(new, raw)
+
+    def update_chain(self, raws: Sequence[bytes], *, now: datetime | None = None) -> TrustRoot:
+        """Walk successors from this root (TUF's root update); return the newest trusted.
+
+        ``raws`` are root documents in any order; versions at or below this one are
+        skipped if identical to what we know of them, and versions must then follow one
+        by one. The final root must not have expired. Nothing is returned half-way: any
+        bad link fails the whole update, and the caller keeps its current root.
+        """
+        if len(raws) > MAX_ROOT_CHAIN:
+            raise TrustRootError(f"{len(raws)} trust roots offered; at most {MAX_ROOT_CHAIN}")
+        parsed: dict[int, bytes] = {}
+        for raw in raws:
+            signed_root, _ = TrustRoot._parse(raw)
+            version = signed_root.signed.version
+            if version in parsed and parsed[version] != raw:
+                raise TrustRootError(f"two different trust roots claim version {version}")
+            parsed[version] = raw
+        if self.version in parsed and parsed[self.version] != self.raw:
+            # a second root with our version number: someone holds root keys they should not
+            raise TrustRootError(
+                f"a trust root with the installed version {self.version} but different "
+                "content was offered; refusing it (possible root key compromise)"
+            )
+        current = self
+        for version in sorted(v for v in parsed if v > self.version):
+            if version != current.version + 1:
+                raise TrustRootError(
+                    f"trust root chain jumps from version {current.version} to {version}; "
+                    f"version {current.version + 1} is missing"
+                )
+            current = current.verify_successor(parsed[version])
+        current.check_not_expired(now)
+        return current
