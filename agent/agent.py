@@ -1,9 +1,10 @@
 """The `Agent`: wires state, installer, inference, telemetry, outbox and the transport.
 
 Threads: the transport's network thread (only queues work), one command worker (installs
-run one at a time), and one loop that closes telemetry windows, sends heartbeats and pumps
-the outbox and the status queue. `tick` and `process_commands` are the same steps, callable
-directly, which is how the unit tests drive an agent without threads.
+run one at a time), one loop that closes telemetry windows, sends heartbeats and pumps
+the outbox and the status queue, the shadow runner (while a candidate is shadowed) and the
+local API's server threads (when enabled). `tick` and `process_commands` are the same
+steps, callable directly, which is how the unit tests drive an agent without threads.
 """
 
 from __future__ import annotations
@@ -16,30 +17,40 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 import agent as _pkg
+from agent.api import LocalApi
 from agent.backends import BackendFactory, create_backend
 from agent.config import AgentConfig
+from agent.crashpoint import CrashPoints
 from agent.errors import AgentError
-from agent.fetch import Fetcher, HttpFetcher
+from agent.fetch import Fetcher
 from agent.inference import InferenceService
 from agent.installer import Installer, InstallInterrupted
+from agent.model import LoadedModel
 from agent.outbox import Outbox
+from agent.quality import QualityRecorder
+from agent.shadow import ShadowRunner
 from agent.state import StateDir
 from agent.system import SystemProbe
-from agent.telemetry import ClosedWindow, TelemetryRecorder
+from agent.telemetry import ClosedWindow, TelemetryRecorder, merge_window_payloads
+from agent.transfer import ChunkedFetcher, HttpRangeSource, MqttChunkSource
 from agent.transport import PahoTransport, Publication, Transport, TransportHooks
-from protocol.errors import MessageDecodeError
+from protocol.errors import ExpiredError, MessageDecodeError, ProtocolError, SignatureError
 from protocol.limits import MAX_MESSAGE_BYTES
 from protocol.messages import (
+    BenchResult,
     DeployCommand,
     Heartbeat,
     InstallState,
+    LabelCommand,
     Presence,
     ReasonCode,
     RollbackCommand,
     StatusEvent,
+    TrustRootCommand,
     decode_command,
     encode_message,
 )
@@ -97,31 +108,73 @@ class Agent:
         self.state = StateDir.open(
             config.state_dir, device_id=config.device_id, trust_root=config.trust_root_path
         )
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.shadow = ShadowRunner(queue_max=config.shadow_queue_max)
+        # recent predictions, so late ground truth can be joined on the device
+        self.quality = QualityRecorder(clock=clock)
         self.telemetry = TelemetryRecorder(
-            window_s=config.telemetry_window_s, probe=probe, clock=clock
+            window_s=config.telemetry_window_s,
+            probe=probe,
+            clock=clock,
+            shadow_source=self.shadow.take_stats,
+            extra_source=self._window_extra,
+            quality_source=self.quality.take,
         )
-        self.service = InferenceService(self.telemetry)
+        self.service = InferenceService(self.telemetry, quality=self.quality)
         self.outbox = Outbox(
             self.state.outbox_path,
             max_bytes=config.outbox_max_bytes,
             max_age_s=config.outbox_max_age_s,
             clock=clock,
+            merge=merge_window_payloads,
         )
+        if self.outbox.moved_aside is not None:
+            self.counters["outbox_corrupt"] += 1
         self._stop = threading.Event()
+        self.crash = CrashPoints(config.crash_at)
+        self.chunks = MqttChunkSource(
+            transport,
+            config.device_id,
+            window=config.chunk_window,
+            timeout_s=config.chunk_timeout_s,
+            max_bps=config.max_download_bps,
+            stop=self._stop,
+        )
+        self.fetcher = fetcher or ChunkedFetcher(
+            mqtt=self.chunks,
+            http=HttpRangeSource(
+                timeout_s=config.download_timeout_s,
+                max_bps=config.max_download_bps,
+                stop=self._stop,
+            ),
+            max_bytes=config.download_max_bytes,
+            chunk_size=config.chunk_size_bytes,
+            default_transfer=config.default_transfer,
+            on_write=lambda _i: self.crash.hit("download"),
+        )
         self.installer = Installer(
             config=config,
             state=self.state,
             service=self.service,
-            fetcher=fetcher
-            or HttpFetcher(
-                max_bytes=config.download_max_bytes, timeout_s=config.download_timeout_s
-            ),
+            fetcher=self.fetcher,
             emit=self._emit_status,
             backend_factory=backend_factory,
             stop=self._stop,
+            crash=self.crash,
+            on_shadow=self._set_shadow,
         )
-        self.counters: collections.Counter[str] = collections.Counter()
-        self._commands: queue.Queue[DeployCommand | RollbackCommand | None] = queue.Queue()
+        self.api: LocalApi | None = None
+        if config.api_port is not None or config.api_socket is not None:
+            self.api = LocalApi(
+                self.service,
+                port=config.api_port,
+                socket_path=config.api_socket,
+                max_body_bytes=config.api_max_body_bytes,
+            )
+        self._bench: tuple[float, BenchResult | None] = (-1.0, None)
+        self._commands: queue.Queue[DeployCommand | RollbackCommand | TrustRootCommand | None] = (
+            queue.Queue()
+        )
         self._status: collections.deque[StatusEvent] = collections.deque(maxlen=_STATUS_QUEUE_MAX)
         self._status_lock = threading.Lock()
         self._reconnected = threading.Event()
@@ -133,7 +186,9 @@ class Agent:
     def start(self, *, threads: bool = True) -> None:
         """Recover state, start serving, connect; with ``threads``, run the loops too."""
         self.state.clean_downloads()
-        self.installer.startup()
+        resume = self.installer.startup()
+        if resume is not None:
+            self._commands.put(resume)
         self.transport.set_hooks(
             TransportHooks(
                 on_connected=self._reconnected.set,
@@ -142,7 +197,13 @@ class Agent:
             )
         )
         self.transport.subscribe(self._topics[Channel.COMMAND], self.handle_command)
+        self.transport.subscribe(self._topics[Channel.CHUNK], self.chunks.on_frame)
         self.transport.start()
+        if self.api is not None:
+            try:
+                self.api.start()
+            except OSError as exc:
+                raise AgentError(f"cannot start the local inference API: {exc}") from exc
         if threads:
             for name, target in (("commands", self._command_worker), ("loop", self._loop)):
                 t = threading.Thread(target=target, name=f"agent-{name}", daemon=True)
@@ -153,8 +214,11 @@ class Agent:
         """Finish cleanly: stop the loops, store the last window, say offline, disconnect."""
         self._stop.set()
         self._commands.put(None)
+        if self.api is not None:
+            self.api.stop()
         for t in self._threads:
             t.join(timeout=timeout_s)
+        self.shadow.stop()
         try:
             for window in self.telemetry.flush_all():
                 self._store_window(window)
@@ -198,6 +262,11 @@ class Agent:
                 )
             return
         self.counters["commands"] += 1
+        if isinstance(cmd, LabelCommand):
+            # memory-only and quick: joined here, never queued behind an install
+            outcomes = self.quality.apply(cmd.labels)
+            log.info("label command %s: %d label(s) applied", cmd.command_id, len(outcomes))
+            return
         log.info("command %s (%s) queued", cmd.command_id, cmd.kind)
         self._commands.put(cmd)
 
@@ -213,11 +282,40 @@ class Agent:
                 self._run_command(cmd)
                 n += 1
 
-    def _run_command(self, cmd: DeployCommand | RollbackCommand) -> None:
+    def _run_command(self, cmd: DeployCommand | RollbackCommand | TrustRootCommand) -> None:
         if isinstance(cmd, DeployCommand):
             self.installer.deploy(cmd)
+        elif isinstance(cmd, TrustRootCommand):
+            self._install_trust_roots(cmd)
         else:
             self.installer.rollback(cmd)
+
+    def _install_trust_roots(self, cmd: TrustRootCommand) -> None:
+        """Walk the offered roots from ours; report COMMITTED (new version) or REJECTED."""
+        try:
+            root = self.state.install_trust_chain([r.encode("utf-8") for r in cmd.roots])
+        except ProtocolError as exc:
+            reason = (
+                ReasonCode.BAD_SIGNATURE
+                if isinstance(exc, SignatureError)
+                else ReasonCode.EXPIRED
+                if isinstance(exc, ExpiredError)
+                else ReasonCode.BAD_COMMAND
+            )
+            state, detail = InstallState.REJECTED, f"trust root refused ({exc.code}): {exc}"
+        else:
+            state, reason = InstallState.COMMITTED, ReasonCode.OK
+            detail = f"trust root version {root.version} installed"
+        self._emit_status(
+            StatusEvent(
+                device_id=self.config.device_id,
+                command_id=cmd.command_id,
+                state=state,
+                reason=reason,
+                detail=detail[:2048],
+                active_bundle_sha256=self._active_sha(),
+            )
+        )
 
     def _command_worker(self) -> None:
         while not self._stop.is_set():
@@ -263,7 +361,7 @@ class Agent:
             )
             return encode_message(msg)
 
-        seq = self.outbox.add(build)
+        seq = self.outbox.add(build, merge_key=window.bundle_sha256 or "-")
         log.debug("telemetry window %d stored (%d inferences)", seq, window.inference_count)
 
     def _pump(self) -> None:
@@ -282,8 +380,42 @@ class Agent:
             model_version=model.model_version if model else None,
             uptime_s=time.monotonic() - self.started_at,
             tags=self.config.tags,
+            bench=self._latest_bench(model.bundle_sha256 if model else None),
         )
         self.transport.publish(self._topics[Channel.HEARTBEAT], encode_message(hb), qos=1)
+
+    def _latest_bench(self, active_sha: str | None) -> BenchResult | None:
+        """bench.json (written by `edgefleet agent bench`) if it measured the active model."""
+        path: Path = self.state.bench_path
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return None
+        if mtime != self._bench[0]:
+            try:
+                self._bench = (mtime, BenchResult.model_validate_json(path.read_bytes()))
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable %s: %s", path, exc)
+                self._bench = (mtime, None)
+        bench = self._bench[1]
+        return bench if bench is not None and bench.bundle_sha256 == active_sha else None
+
+    def _set_shadow(self, model: LoadedModel | None, sample_rate: float) -> None:
+        self.shadow.set_candidate(model, sample_rate)
+        self.service.observer = self.shadow.offer if model is not None else None
+
+    def _window_extra(self) -> dict[str, object]:
+        """Counters carried in every window's ``extra`` (cumulative since start)."""
+        extra: dict[str, object] = {
+            "bad_commands": self.counters["bad_commands"],
+            "outbox_corrupt_recovered": self.outbox.corrupt_recovered,
+            "outbox_merges": self.outbox.merged_total,
+        }
+        if self.installer.startup_problems:
+            extra["startup_problems"] = list(self.installer.startup_problems)
+        if self.api is not None:
+            extra["api"] = dict(self.api.counters)
+        return extra
 
     # -- status events -----------------------------------------------------------------------
     def _emit_status(self, event: StatusEvent) -> None:

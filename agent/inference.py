@@ -9,9 +9,10 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -19,7 +20,13 @@ from agent.errors import AgentError, InferenceError, NoModelError
 from agent.model import LoadedModel, check_inputs
 from agent.telemetry import TelemetryRecorder
 
-__all__ = ["HealthStats", "InferenceService"]
+if TYPE_CHECKING:
+    from agent.quality import LabelOutcome, QualityRecorder
+
+__all__ = ["HealthStats", "InferenceService", "Observer"]
+
+#: sees (inputs, outputs) of each served call
+Observer = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None]
 
 _LATENCY_KEEP: Final = 4096
 
@@ -64,18 +71,37 @@ class InferenceService:
         telemetry: TelemetryRecorder | None = None,
         *,
         clock: Callable[[], float] = time.perf_counter,
+        quality: QualityRecorder | None = None,
     ) -> None:
         self._telemetry = telemetry
+        #: records served predictions by id so late ground truth can be joined (agent/quality)
+        self.quality = quality
         self._clock = clock
         self._lock = threading.Lock()
         self._gen = _Generation(None)
         #: replaced models kept loaded for a possible revert, by id(model)
         self._kept: dict[int, _Generation] = {}
+        #: sees each served call's (inputs, outputs) after it returned (the shadow runner)
+        self.observer: (
+            Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None] | None
+        ) = None
 
     # -- application API -------------------------------------------------------------------
     def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the active model on ``inputs`` (name -> array, batch first)."""
+        return self._call(inputs, record=True)[1]
+
+    def predict_with_id(self, inputs: Mapping[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
+        """`predict`, plus the prediction id to name when its true label is known."""
         return self._call(inputs, record=True)
+
+    def report_label(self, prediction_id: str, label: Any) -> LabelOutcome:
+        """The true label (class index or name; a list for a batch) of an earlier prediction."""
+        if self.quality is None:
+            from agent.quality import LabelOutcome
+
+            return LabelOutcome.UNKNOWN
+        return self.quality.report_label(prediction_id, label)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -85,7 +111,7 @@ class InferenceService:
     # -- agent API -------------------------------------------------------------------------
     def probe(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """A health-check inference: counted in the health stats, not in telemetry."""
-        return self._call(inputs, record=False)
+        return self._call(inputs, record=False)[1]
 
     def health(self) -> HealthStats:
         """Calls, runtime errors and latencies of the current model since it switched in."""
@@ -137,7 +163,9 @@ class InferenceService:
         return None
 
     # -- internals -------------------------------------------------------------------------
-    def _call(self, inputs: Mapping[str, Any], *, record: bool) -> dict[str, np.ndarray]:
+    def _call(
+        self, inputs: Mapping[str, Any], *, record: bool
+    ) -> tuple[str, dict[str, np.ndarray]]:
         with self._lock:
             gen = self._gen
             gen.inflight += 1
@@ -155,9 +183,16 @@ class InferenceService:
             with self._lock:
                 gen.calls += 1
                 gen.latencies.append(ms)
-            if record and self._telemetry is not None:
-                self._telemetry.record(model, arrays, outputs, ms)
-            return outputs
+            prediction_id = uuid.uuid4().hex
+            if record:
+                if self._telemetry is not None:
+                    self._telemetry.record(model, arrays, outputs, ms)
+                if self.quality is not None:
+                    self.quality.record(model, arrays, outputs, prediction_id)
+                observer = self.observer
+                if observer is not None:
+                    observer(arrays, outputs)
+            return prediction_id, outputs
         except InferenceError as exc:
             if exc.kind == "runtime_error":
                 with self._lock:

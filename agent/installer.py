@@ -26,6 +26,7 @@ import numpy as np
 
 from agent.backends import BackendFactory, create_backend
 from agent.config import AgentConfig
+from agent.crashpoint import CrashPoints
 from agent.errors import AgentError, DownloadError, InferenceError, InstallError
 from agent.fetch import Fetcher
 from agent.health import HealthVerdict, judge_health
@@ -33,7 +34,7 @@ from agent.inference import InferenceService
 from agent.model import LoadedModel, load_model
 from agent.selftest import run_self_test
 from agent.slot import SlotRecord
-from agent.state import ActiveState, ModelRef, PendingSwitch, StateDir
+from agent.state import ActiveState, ModelRef, PendingSwitch, ShadowRef, StateDir
 from protocol.bundle import BundleReader
 from protocol.errors import (
     BundleFormatError,
@@ -58,6 +59,7 @@ __all__ = [
     "InstallInterrupted",
     "InstallRun",
     "Installer",
+    "ShadowSink",
     "StatusSink",
     "classify",
 ]
@@ -66,17 +68,31 @@ log = logging.getLogger(__name__)
 
 S = InstallState
 StatusSink = Callable[[StatusEvent], None]
+#: starts (model, sample rate) or stops (None, 0.0) the shadow runner
+ShadowSink = Callable[[LoadedModel | None, float], None]
 
 TRANSITIONS: Final[dict[InstallState, frozenset[InstallState]]] = {
-    S.RECEIVED: frozenset({S.DOWNLOADING, S.REJECTED, S.FAILED, S.COMMITTED, S.ROLLED_BACK}),
+    S.RECEIVED: frozenset(
+        {
+            S.DOWNLOADING,
+            S.INSTALLING,  # the bundle already sits in a slot (it ran in shadow)
+            S.REJECTED,
+            S.FAILED,
+            S.COMMITTED,
+            S.ROLLED_BACK,
+            S.SHADOWING,
+        }
+    ),
     S.DOWNLOADING: frozenset({S.DOWNLOADING, S.VERIFYING, S.REJECTED, S.FAILED}),
     S.VERIFYING: frozenset({S.INSTALLING, S.REJECTED, S.FAILED}),
     S.INSTALLING: frozenset({S.SELF_TEST, S.FAILED}),
-    S.SELF_TEST: frozenset({S.SWITCHED, S.FAILED, S.ROLLED_BACK}),
+    S.SELF_TEST: frozenset({S.SWITCHED, S.FAILED, S.ROLLED_BACK, S.SHADOWING}),
     S.SWITCHED: frozenset({S.HEALTH_CHECK, S.REVERTED}),
     S.HEALTH_CHECK: frozenset({S.COMMITTED, S.REVERTED}),
 }
-TERMINAL: Final = frozenset({S.COMMITTED, S.REVERTED, S.REJECTED, S.FAILED, S.ROLLED_BACK})
+TERMINAL: Final = frozenset(
+    {S.COMMITTED, S.REVERTED, S.REJECTED, S.FAILED, S.ROLLED_BACK, S.SHADOWING}
+)
 
 
 def classify(exc: BaseException) -> tuple[InstallState, ReasonCode]:
@@ -182,6 +198,8 @@ class Installer:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        crash: CrashPoints | None = None,
+        on_shadow: ShadowSink | None = None,
     ) -> None:
         self.config = config
         self.state = state
@@ -192,14 +210,28 @@ class Installer:
         self.stop = stop or threading.Event()
         self.clock = clock
         self.sleep = sleep
+        self.crash = crash or CrashPoints(config.crash_at)
+        self.on_shadow = on_shadow
         self._lock = threading.Lock()  # one install or rollback at a time
+        self._attempts: dict[str, int] = {}  # command id -> attempt number of a resumed install
+        #: startup problems, by reason code value (corrupt slot, load failure, ...)
+        self.startup_problems: list[str] = []
 
     # -- startup -----------------------------------------------------------------------------
-    def startup(self) -> None:
-        """Recover from a crash before COMMITTED, then serve the active model (if any)."""
+    def startup(self) -> DeployCommand | None:
+        """Recover from a crash, serve the best verified model; return an install to resume.
+
+        - switched but not committed (pending): revert to the last committed model;
+        - an install interrupted before switching (install.json): resumed, at most
+          ``install_attempts_max`` times in all, then reported FAILED;
+        - the active slot's files no longer match its manifest, or it does not load: serve
+          the previous slot instead and say why.
+        """
         with self._lock:
             st = self._validated(self.state.read_active())
+            reverted = False
             if st.pending is not None:
+                reverted = True
                 p = st.pending
                 log.warning(
                     "agent stopped before committing %s; reverting to %s",
@@ -214,21 +246,9 @@ class Installer:
                 )
                 self.state.write_active(st)
                 if failed is not None and p.command_id is not None:
-                    run = InstallRun(
-                        device_id=self.config.device_id,
-                        command=DeployCommand(
-                            device_id=self.config.device_id,
-                            command_id=p.command_id,
-                            rollout_id=p.rollout_id,
-                            bundle_sha256=failed.bundle_sha256,
-                            bundle_size=1,
-                            bundle_url="about:restart",
-                            model_name=failed.model_name,
-                            model_version=failed.model_version,
-                        ),
-                        active=st.active.bundle_sha256 if st.active else None,
+                    run = self._restart_run(
+                        p.command_id, p.rollout_id, failed, st.active, state=S.HEALTH_CHECK
                     )
-                    run.state = S.HEALTH_CHECK
                     self.emit(
                         run.advance(
                             S.REVERTED,
@@ -236,7 +256,68 @@ class Installer:
                             detail="agent restarted before the health window committed",
                         )
                     )
-            self._serve_at_startup(st)
+            st = self._serve_at_startup(st)
+            return self._resumable(st, reverted)
+
+    def _restart_run(
+        self,
+        command_id: str,
+        rollout_id: str | None,
+        bundle: ModelRef,
+        active: ModelRef | None,
+        *,
+        state: InstallState,
+    ) -> InstallRun:
+        run = InstallRun(
+            device_id=self.config.device_id,
+            command=DeployCommand(
+                device_id=self.config.device_id,
+                command_id=command_id,
+                rollout_id=rollout_id,
+                bundle_sha256=bundle.bundle_sha256,
+                bundle_size=1,
+                bundle_url="about:restart",
+                model_name=bundle.model_name,
+                model_version=bundle.model_version,
+            ),
+            active=active.bundle_sha256 if active else None,
+        )
+        run.state = state
+        return run
+
+    def _resumable(self, st: ActiveState, reverted: bool) -> DeployCommand | None:
+        record = self.state.read_install()
+        if record is None:
+            return None
+        self.state.clear_install()
+        if reverted:
+            return None  # the switch was reverted and reported: never retried by itself
+        try:
+            cmd = DeployCommand.model_validate_json(record["command"])
+            attempts = int(record.get("attempts", 1))
+        except (ValueError, TypeError):
+            log.warning("unreadable interrupted install record; dropped")
+            return None
+        active = st.active.bundle_sha256 if st.active else None
+        if attempts >= self.config.install_attempts_max:
+            run = InstallRun(device_id=self.config.device_id, command=cmd, active=active)
+            run.state = S.DOWNLOADING
+            self.emit(
+                run.advance(
+                    S.FAILED,
+                    reason=ReasonCode.INTERNAL,
+                    detail=f"install interrupted {attempts} times (agent restarted); giving up",
+                )
+            )
+            return None
+        log.warning(
+            "resuming the install of %s interrupted by a restart (attempt %d of %d)",
+            cmd.bundle_sha256[:12],
+            attempts + 1,
+            self.config.install_attempts_max,
+        )
+        self._attempts[cmd.command_id] = attempts + 1
+        return cmd
 
     def _validated_ref(self, ref: ModelRef | None) -> ModelRef | None:
         if ref is None:
@@ -248,13 +329,25 @@ class Installer:
         return ref
 
     def _validated(self, st: ActiveState) -> ActiveState:
+        shadow = st.shadow
+        if shadow is not None and self._validated_ref(shadow.model) is None:
+            shadow = None
         return dataclasses.replace(
-            st, active=self._validated_ref(st.active), previous=self._validated_ref(st.previous)
+            st,
+            active=self._validated_ref(st.active),
+            previous=self._validated_ref(st.previous),
+            shadow=shadow,
         )
 
-    def _serve_at_startup(self, st: ActiveState) -> None:
+    def _serve_at_startup(self, st: ActiveState) -> ActiveState:
+        failures: list[tuple[ModelRef, ReasonCode, str]] = []
         for ref in (st.active, st.previous):
             if ref is None:
+                continue
+            problem = self.state.slots.verify_files(ref.slot)
+            if problem is not None:
+                log.error("not serving bundle %s: %s", ref.bundle_sha256[:12], problem)
+                failures.append((ref, ReasonCode.BAD_HASH, problem))
                 continue
             try:
                 model = self._load_slot(ref)
@@ -262,6 +355,7 @@ class Installer:
                 log.error(
                     "cannot serve bundle %s from slot %s: %s", ref.bundle_sha256[:12], ref.slot, exc
                 )
+                failures.append((ref, exc.reason, str(exc)))
                 continue
             if ref is not st.active:
                 log.warning("falling back to the previous bundle %s", ref.bundle_sha256[:12])
@@ -271,10 +365,51 @@ class Installer:
             log.info(
                 "serving %s v%d (%s)", ref.model_name, ref.model_version, model.backend.description
             )
-            return
+            self._report_startup_failures(failures, ref)
+            self._start_shadow_at_startup(st)
+            return st
         if st.active is not None or st.previous is not None:
-            self.state.write_active(ActiveState(history=st.history))
+            st = ActiveState(history=st.history)
+            self.state.write_active(st)
+        self._report_startup_failures(failures, None)
         log.info("no model installed yet; waiting for a deploy command")
+        return st
+
+    def _report_startup_failures(
+        self, failures: list[tuple[ModelRef, ReasonCode, str]], serving: ModelRef | None
+    ) -> None:
+        for ref, reason, detail in failures:
+            self.startup_problems.append(reason.value)
+            self.emit(
+                StatusEvent(
+                    device_id=self.config.device_id,
+                    state=S.REVERTED,
+                    reason=reason,
+                    detail=f"at startup: {detail}"[:2048],
+                    bundle_sha256=ref.bundle_sha256,
+                    model_name=ref.model_name,
+                    model_version=ref.model_version,
+                    active_bundle_sha256=serving.bundle_sha256 if serving else None,
+                )
+            )
+
+    def _start_shadow_at_startup(self, st: ActiveState) -> None:
+        sh = st.shadow
+        if sh is None or self.on_shadow is None:
+            return
+        if st.active is not None and sh.model.slot == st.active.slot:
+            return
+        if self.state.slots.verify_files(sh.model.slot) is not None:
+            log.error("shadow candidate in slot %s is damaged; not running it", sh.model.slot)
+            self.state.write_active(dataclasses.replace(st, shadow=None))
+            return
+        try:
+            model = self._load_slot(sh.model)
+        except AgentError as exc:
+            log.error("shadow candidate does not load: %s", exc)
+            self.state.write_active(dataclasses.replace(st, shadow=None))
+            return
+        self.on_shadow(model, sh.sample_rate)
 
     def _load_slot(self, ref: ModelRef) -> LoadedModel:
         manifest = self.state.slots.manifest(ref.slot)
@@ -286,6 +421,15 @@ class Installer:
             self.backend_factory,
         )
 
+    def _stop_shadow(self, st: ActiveState) -> ActiveState:
+        if st.shadow is None:
+            return st
+        if self.on_shadow is not None:
+            self.on_shadow(None, 0.0)
+        st = dataclasses.replace(st, shadow=None)
+        self.state.write_active(st)
+        return st
+
     # -- deploy ------------------------------------------------------------------------------
     def deploy(self, cmd: DeployCommand) -> StatusEvent:
         """Run a deploy command to a terminal state; returns the last event published."""
@@ -296,31 +440,65 @@ class Installer:
                 command=cmd,
                 active=st.active.bundle_sha256 if st.active else None,
             )
+            # Recorded before it is acknowledged: a crash from here on is resumed or reported.
+            attempts = self._attempts.pop(cmd.command_id, 1)
+            self.state.write_install(cmd.model_dump_json(), attempts)
             self.emit(run.advance(S.RECEIVED))
             try:
-                return self._deploy(run, cmd, st)
+                ev = self._deploy(run, cmd, st)
+                self.state.clear_install()
+                return ev
             except InstallInterrupted:
-                log.warning("shutdown during the health window; a restart will revert")
+                log.warning("shutdown during an install; a restart resumes or reverts it")
                 raise
             except Exception as exc:
                 if run.done:
+                    self.state.clear_install()
                     raise
+                if self.stop.is_set():
+                    # Stopping, not failing: install.json stays, a restart resumes it.
+                    self.state.slots.discard_staging()
+                    log.warning("install of %s interrupted by shutdown", cmd.bundle_sha256[:12])
+                    raise InstallInterrupted() from exc
                 if not isinstance(exc, AgentError | ProtocolError | OSError):
                     log.exception("install of %s crashed", cmd.bundle_sha256[:12])
                 self.state.slots.discard_staging()
                 state, reason = classify(exc)
                 ev = run.advance(state, reason=reason, detail=str(exc))
                 self.emit(ev)
+                self.state.clear_install()
                 return ev
 
     def _deploy(self, run: InstallRun, cmd: DeployCommand, st: ActiveState) -> StatusEvent:
         cfg = self.config
         active = st.active
         if active is not None and active.bundle_sha256 == cmd.bundle_sha256:
+            if cmd.shadow:
+                raise InstallError(
+                    "cannot shadow the bundle that is already active", reason=ReasonCode.BAD_COMMAND
+                )
+            st = self._stop_shadow(st)
             ev = run.advance(S.COMMITTED, detail="bundle is already active")
             self.emit(ev)
             return ev
+        if (
+            cmd.shadow
+            and st.shadow is not None
+            and st.shadow.model.bundle_sha256 == cmd.bundle_sha256
+        ):
+            ev = run.advance(S.SHADOWING, detail="bundle is already running in shadow")
+            self.emit(ev)
+            return ev
         self._check_version(active, cmd.model_name, cmd.model_version)
+        shadowed = st.shadow
+        if (
+            not cmd.shadow
+            and shadowed is not None
+            and shadowed.model.bundle_sha256 == cmd.bundle_sha256
+            and self.state.slots.verify_files(shadowed.model.slot) is None
+        ):
+            return self._promote_shadow(run, cmd, st)
+        st = self._stop_shadow(st)
         self.emit(run.advance(S.DOWNLOADING, progress=0.0))
         path = self.fetcher.fetch(
             cmd,
@@ -328,6 +506,7 @@ class Installer:
             lambda f: self.emit(run.advance(S.DOWNLOADING, progress=min(1.0, max(0.0, f)))),
         )
         self.emit(run.advance(S.VERIFYING))
+        self.crash.hit("verifying")
         staging = self.state.slots.staging()
         try:
             verified = BundleReader(path, max_bytes=cfg.download_max_bytes).verify(
@@ -351,8 +530,10 @@ class Installer:
         self._check_version(active, m.model.name, m.model.version)
 
         self.emit(run.advance(S.INSTALLING))
+        self.crash.hit("installing")
         model = load_model(staging, m, verified.sha256, cfg.profile, self.backend_factory)
         self.emit(run.advance(S.SELF_TEST, detail=model.backend.description))
+        self.crash.hit("self_test")
         result = run_self_test(model)
         if not result.passed:
             model.backend.close()
@@ -371,6 +552,7 @@ class Installer:
                 installed_at=datetime.now(UTC).isoformat(),
             ),
             verified.manifest_raw,
+            between=lambda: self.crash.hit("promote"),
         )
         model = dataclasses.replace(model, directory=slot_dir)
         new_ref = ModelRef(
@@ -381,6 +563,71 @@ class Installer:
         )
         # The slot we just filled held the rollback target, if any; it is gone now.
         previous = st.previous if st.previous and st.previous.slot != target else None
+        if cmd.shadow:
+            return self._begin_shadow(run, cmd, st, model, new_ref, previous, result.detail)
+        return self._switch(run, cmd, st, model, new_ref, previous, result.detail)
+
+    def _begin_shadow(
+        self,
+        run: InstallRun,
+        cmd: DeployCommand,
+        st: ActiveState,
+        model: LoadedModel,
+        new_ref: ModelRef,
+        previous: ModelRef | None,
+        detail: str,
+    ) -> StatusEvent:
+        self.state.write_active(
+            dataclasses.replace(
+                st,
+                previous=previous,
+                shadow=ShadowRef(
+                    model=new_ref,
+                    sample_rate=cmd.shadow_sample_rate,
+                    command_id=cmd.command_id,
+                    rollout_id=cmd.rollout_id,
+                ),
+            )
+        )
+        if self.on_shadow is not None:
+            self.on_shadow(model, cmd.shadow_sample_rate)
+        else:
+            model.backend.close()
+        ev = run.advance(
+            S.SHADOWING,
+            detail=f"running beside the active model on {cmd.shadow_sample_rate:.0%} of inputs; "
+            + detail,
+        )
+        self.emit(ev)
+        return ev
+
+    def _promote_shadow(self, run: InstallRun, cmd: DeployCommand, st: ActiveState) -> StatusEvent:
+        assert st.shadow is not None
+        ref = st.shadow.model
+        self.emit(run.advance(S.INSTALLING, detail="bundle already installed (shadow)"))
+        st = self._stop_shadow(st)
+        model = self._load_slot(ref)
+        self.emit(run.advance(S.SELF_TEST, detail=model.backend.description))
+        result = run_self_test(model)
+        if not result.passed:
+            model.backend.close()
+            raise InstallError(
+                f"self-test failed: {result.detail}", reason=ReasonCode.SELF_TEST_FAILED
+            )
+        previous = st.previous if st.previous and st.previous.slot != ref.slot else None
+        return self._switch(run, cmd, st, model, ref, previous, result.detail)
+
+    def _switch(
+        self,
+        run: InstallRun,
+        cmd: DeployCommand,
+        st: ActiveState,
+        model: LoadedModel,
+        new_ref: ModelRef,
+        previous: ModelRef | None,
+        detail: str,
+    ) -> StatusEvent:
+        active = st.active
         self.state.write_active(
             ActiveState(
                 active=new_ref,
@@ -397,7 +644,8 @@ class Installer:
         )
         old_model = self.service.swap(model, keep_old=True)
         run.active_sha = new_ref.bundle_sha256
-        self.emit(run.advance(S.SWITCHED, detail=result.detail))
+        self.emit(run.advance(S.SWITCHED, detail=detail))
+        self.crash.hit("switched")
 
         self.emit(run.advance(S.HEALTH_CHECK))
         verdict = self._health_window(model)
@@ -411,8 +659,10 @@ class Installer:
             ev = run.advance(S.REVERTED, reason=ReasonCode.HEALTH_FAILED, detail=verdict.detail)
             self.emit(ev)
             return ev
+        self.crash.hit("commit")
         committed = ActiveState(active=new_ref, previous=active, history=st.history)
         self.state.write_active(committed.with_history(new_ref))
+        self.crash.hit("committed")
         if old_model is not None:
             self.service.release(old_model)
         ev = run.advance(S.COMMITTED, detail=verdict.detail)
@@ -442,13 +692,14 @@ class Installer:
             for i in range(missing):
                 if self.stop.is_set():
                     raise InstallInterrupted()
+                self.crash.hit("health")
                 try:
                     self.service.probe({k: v[i % len(v)][None] for k, v in samples.items()})
                 except InferenceError as exc:
                     log.warning("health probe failed: %s", exc)
         return judge_health(
             self.service.health(),
-            budget_ms=cfg.profile.limits.latency_budget_ms,
+            budget_ms=cfg.latency_budget_ms or cfg.profile.limits.latency_budget_ms,
             min_calls=need,
         )
 

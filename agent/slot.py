@@ -7,9 +7,11 @@ rollback target that the inactive slot holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
@@ -99,8 +101,42 @@ class SlotStore:
     def discard_staging(self) -> None:
         shutil.rmtree(self.root / _INCOMING, ignore_errors=True)
 
-    def promote(self, name: str, record: SlotRecord, manifest_raw: bytes) -> Path:
-        """Move the staged bundle into slot ``name``, replacing what it held."""
+    def verify_files(self, name: str) -> str | None:
+        """Re-hash a slot's files against its manifest: None if intact, else what is wrong.
+
+        Catches bytes changed on disk after install (flash wear, a bad write, tampering), so
+        a damaged model is never served, however well it still loads.
+        """
+        root = self.path(name)
+        for entry in self.manifest(name).files:
+            path = root / entry.path
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(1024 * 1024):
+                        h.update(block)
+            except OSError as exc:
+                return f"slot {name}: {entry.path} unreadable ({exc.strerror or exc})"
+            if h.hexdigest() != entry.sha256:
+                return (
+                    f"slot {name}: {entry.path} has sha256 {h.hexdigest()[:16]}..., its manifest "
+                    f"says {entry.sha256[:16]}... (changed on disk after install)"
+                )
+        return None
+
+    def promote(
+        self,
+        name: str,
+        record: SlotRecord,
+        manifest_raw: bytes,
+        *,
+        between: Callable[[], None] | None = None,
+    ) -> Path:
+        """Move the staged bundle into slot ``name``, replacing what it held.
+
+        ``between`` runs after the old content left and before the new one arrived (a
+        crash-test hook: the slot is briefly empty, and a restart must cope).
+        """
         incoming = self.root / _INCOMING
         atomic_write(incoming / _MANIFEST, manifest_raw)
         atomic_write(incoming / _RECORD, json.dumps(asdict(record), sort_keys=True).encode())
@@ -109,6 +145,8 @@ class SlotStore:
         shutil.rmtree(trash, ignore_errors=True)
         if target.exists():
             os.replace(target, trash)
+        if between is not None:
+            between()
         os.replace(incoming, target)
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)

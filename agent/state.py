@@ -7,7 +7,9 @@ Layout::
       active.json         active / previous / pending model, and the bundles this device ran
       trust/root.json     the trust root (copied from --trust-root at first start)
       slots/a, slots/b    extracted bundles (each with manifest.json and slot.json)
-      downloads/          <sha256>.part while a bundle is being fetched
+      downloads/          <sha256>.part + .have while a bundle is being fetched (resumable)
+      install.json        the deploy command being installed (a restart resumes it)
+      bench.json          the latest `edgefleet agent bench` result
       outbox.sqlite       telemetry windows waiting for the broker's acknowledgement
 
 ``active.json`` is the one pointer: it names the slot that serves. While a new model is on
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +39,7 @@ __all__ = [
     "HistoryEntry",
     "ModelRef",
     "PendingSwitch",
+    "ShadowRef",
     "StateDir",
     "atomic_write",
 ]
@@ -71,6 +75,16 @@ class PendingSwitch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShadowRef:
+    """A shadow candidate: the slot holding it, and the share of inputs it sees."""
+
+    model: ModelRef
+    sample_rate: float
+    command_id: str | None = None
+    rollout_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HistoryEntry:
     bundle_sha256: str
     model_name: str
@@ -86,6 +100,8 @@ class ActiveState:
     previous: ModelRef | None = None
     pending: PendingSwitch | None = None
     history: tuple[HistoryEntry, ...] = field(default_factory=tuple)
+    #: a shadow candidate installed beside the active model (runs on sampled inputs only)
+    shadow: ShadowRef | None = None
 
     def with_history(self, ref: ModelRef) -> ActiveState:
         entry = HistoryEntry(
@@ -107,7 +123,16 @@ class ActiveState:
             return None if d is None else ModelRef(**d)
 
         pending = obj.get("pending")
+        shadow = obj.get("shadow")
         return ActiveState(
+            shadow=None
+            if shadow is None
+            else ShadowRef(
+                model=ModelRef(**shadow["model"]),
+                sample_rate=float(shadow["sample_rate"]),
+                command_id=shadow.get("command_id"),
+                rollout_id=shadow.get("rollout_id"),
+            ),
             active=ref(obj.get("active")),
             previous=ref(obj.get("previous")),
             pending=None
@@ -134,6 +159,8 @@ class StateDir:
         self.agent_path = self.root / "agent.json"
         self.outbox_path = self.root / "outbox.sqlite"
         self.downloads = self.root / "downloads"
+        self.install_path = self.root / "install.json"
+        self.bench_path = self.root / "bench.json"
 
     @classmethod
     def open(cls, root: Path, *, device_id: str, trust_root: Path | None) -> StateDir:
@@ -200,6 +227,18 @@ class StateDir:
         atomic_write(self.trust_path, new.raw)
         log.info("rotated trust root to version %d", new.version)
 
+    def install_trust_chain(self, raws: Sequence[bytes]) -> TrustRoot:
+        """Walk newer roots from the installed one (TUF's root update); install the newest.
+
+        Raises ProtocolError (and keeps the installed root) if any link fails to verify.
+        """
+        current = self.load_trust()
+        new = current.update_chain(raws)
+        if new.version != current.version:
+            atomic_write(self.trust_path, new.raw)
+            log.info("trust root rotated from version %d to %d", current.version, new.version)
+        return new
+
     def load_trust(self) -> TrustRoot:
         """The installed trust root."""
         try:
@@ -223,6 +262,36 @@ class StateDir:
         atomic_write(self.active_path, state.to_bytes())
 
     def clean_downloads(self) -> None:
-        for part in self.downloads.glob("*.part"):
-            part.unlink(missing_ok=True)
+        """Drop download leftovers that cannot be resumed (a .part without its .have)."""
+        for p in self.downloads.iterdir():
+            if (
+                p.name.startswith(".")
+                or (p.suffix == ".part" and not p.with_suffix(".have").exists())
+                or (p.suffix == ".have" and not p.with_suffix(".part").exists())
+            ):  # an interrupted atomic write, or half of a resumable pair
+                p.unlink(missing_ok=True)
         fsync_dir(self.downloads)
+
+    # -- the install in progress (so a restart resumes or reports it) ----------------------
+    def read_install(self) -> dict[str, Any] | None:
+        """The interrupted install's record ({"command": ..., "attempts": n}), if any."""
+        try:
+            obj = json.loads(self.install_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.warning("%s is corrupt; ignoring it", self.install_path)
+            self.install_path.unlink(missing_ok=True)
+            return None
+        return obj if isinstance(obj, dict) and "command" in obj else None
+
+    def write_install(self, command_json: str, attempts: int) -> None:
+        atomic_write(
+            self.install_path,
+            json.dumps({"command": command_json, "attempts": attempts}).encode(),
+        )
+
+    def clear_install(self) -> None:
+        if self.install_path.exists():
+            self.install_path.unlink(missing_ok=True)
+            fsync_dir(self.root)

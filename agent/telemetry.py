@@ -22,10 +22,24 @@ import numpy as np
 from agent.model import LoadedModel
 from agent.system import SystemProbe, SystemReading
 from protocol.features import FeatureExtractor, FeatureSpec
-from protocol.messages import TelemetryWindow
+from protocol.messages import (
+    ConfidenceSums,
+    LabelReport,
+    LabelStats,
+    ShadowStats,
+    TelemetryWindow,
+)
 from protocol.sketch import FeatureSketch, SketchBank, SketchWire
 
-__all__ = ["FLUSH_ROWS", "ClosedWindow", "TelemetryRecorder", "feature_specs"]
+__all__ = [
+    "FLUSH_ROWS",
+    "ClosedWindow",
+    "TelemetryRecorder",
+    "feature_specs",
+    "merge_confidence_sums",
+    "merge_label_reports",
+    "merge_window_payloads",
+]
 
 FLUSH_ROWS: Final = 64
 
@@ -135,6 +149,10 @@ class ClosedWindow:
     confidence: SketchWire | None
     system: SystemReading
     extra: dict[str, object] = field(default_factory=dict)
+    shadow: ShadowStats | None = None
+    labels: LabelReport | None = None
+    estimate: ConfidenceSums | None = None
+    cpu_time_s: float | None = None
 
     def to_message(
         self, *, device_id: str, seq: int, dropped_windows: int = 0, stream_id: str = ""
@@ -161,6 +179,10 @@ class ClosedWindow:
             mem_rss_bytes=self.system.mem_rss_bytes,
             dropped_windows=dropped_windows,
             extra=dict(self.extra),
+            shadow=self.shadow,
+            labels=self.labels,
+            estimate=self.estimate,
+            cpu_time_s=self.cpu_time_s,
         )
 
 
@@ -173,8 +195,21 @@ class TelemetryRecorder:
         window_s: float,
         probe: SystemProbe | None = None,
         clock: Callable[[], float] = time.time,
+        shadow_source: Callable[[], ShadowStats | None] | None = None,
+        extra_source: Callable[[], dict[str, object]] | None = None,
+        quality_source: (
+            Callable[[str | None], tuple[LabelReport | None, ConfidenceSums | None]] | None
+        ) = None,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.window_s = window_s
+        #: per-window extras: the shadow comparison, and the agent's counters
+        self.shadow_source = shadow_source
+        self.extra_source = extra_source
+        #: joined labels and confidence sums for the window (agent/quality.py)
+        self.quality_source = quality_source
+        self.cpu_clock = cpu_clock
+        self._cpu_mark = cpu_clock()
         self.probe = probe or SystemProbe()
         self.clock = clock
         self._lock = threading.Lock()
@@ -236,6 +271,15 @@ class TelemetryRecorder:
     def _close(self, w: _ModelWindow, now: float) -> ClosedWindow:
         w.flush()
         m = w.model
+        cpu = self.cpu_clock()
+        cpu_used, self._cpu_mark = max(0.0, cpu - self._cpu_mark), cpu
+        labels = estimate = None
+        if self.quality_source is not None:
+            labels, estimate = self.quality_source(m.bundle_sha256 if m else None)
+        extra = self.extra_source() if self.extra_source is not None else {}
+        if estimate is not None and estimate.rows:
+            # a figure the rollout's custom gates can compare (lower is better)
+            extra["quality_estimated_error"] = 1.0 - estimate.calibrated_max_sum / estimate.rows
         return ClosedWindow(
             start=w.start,
             end=max(now, w.start),
@@ -251,4 +295,156 @@ class TelemetryRecorder:
             else [],
             confidence=w.confidence.to_wire() if w.confidence and w.confidence.count else None,
             system=self.probe.read(),
+            extra=extra,
+            shadow=self.shadow_source() if self.shadow_source is not None else None,
+            labels=labels,
+            estimate=estimate,
+            cpu_time_s=cpu_used,
         )
+
+
+def merge_window_payloads(older: bytes, newer: bytes) -> bytes | None:
+    """Two stored windows of one model merged into one (the older's seq), or None.
+
+    Used by the outbox when it is full: sketches merge, counts add, the time span covers
+    both, device readings are the newer window's, ``merged_windows`` adds up. Windows of
+    different models (or streams) are not merged.
+    """
+    from protocol.errors import ProtocolError
+    from protocol.messages import decode_message, encode_message
+
+    try:
+        a = decode_message(older, expect=TelemetryWindow)
+        b = decode_message(newer, expect=TelemetryWindow)
+    except ProtocolError:
+        return None
+    if (a.bundle_sha256, a.stream_id, a.device_id) != (b.bundle_sha256, b.stream_id, b.device_id):
+        return None
+
+    def merged(x: SketchWire | None, y: SketchWire | None) -> SketchWire | None:
+        if x is None or y is None:
+            return x or y
+        sk = FeatureSketch.from_wire(x)
+        sk.merge(FeatureSketch.from_wire(y))
+        return sk.to_wire()
+
+    errors = dict(a.error_counts)
+    for k, v in b.error_counts.items():
+        errors[k] = errors.get(k, 0) + v
+    n = max(len(a.output_class_counts), len(b.output_class_counts))
+    classes = [
+        (a.output_class_counts[i] if i < len(a.output_class_counts) else 0)
+        + (b.output_class_counts[i] if i < len(b.output_class_counts) else 0)
+        for i in range(n)
+    ]
+    inputs = dict(a.input_sketches)
+    for k, v in b.input_sketches.items():
+        inputs[k] = merged(inputs.get(k), v) or v
+    shadow = b.shadow or a.shadow
+    if (
+        a.shadow is not None
+        and b.shadow is not None
+        and a.shadow.bundle_sha256 == b.shadow.bundle_sha256
+    ):
+        sa, sb = a.shadow, b.shadow
+        shadow = ShadowStats(
+            bundle_sha256=sa.bundle_sha256,
+            samples=sa.samples + sb.samples,
+            top1_agreement=_weighted(sa.top1_agreement, sa.samples, sb.top1_agreement, sb.samples),
+            mean_abs_error=_weighted(sa.mean_abs_error, sa.samples, sb.mean_abs_error, sb.samples),
+            latency_ms=merged(sa.latency_ms, sb.latency_ms),
+            errors=sa.errors + sb.errors,
+            skipped=sa.skipped + sb.skipped,
+        )
+    extra = dict(a.extra)
+    extra.update(b.extra)  # counters are cumulative: the newer value stands
+    out = b.model_copy(
+        update={
+            "seq": a.seq,
+            "message_id": a.message_id,
+            "window_start": min(a.window_start, b.window_start),
+            "window_end": max(a.window_end, b.window_end),
+            "inference_count": a.inference_count + b.inference_count,
+            "error_counts": errors,
+            "latency_ms": merged(a.latency_ms, b.latency_ms),
+            "input_sketches": inputs,
+            "output_class_counts": classes,
+            "confidence": merged(a.confidence, b.confidence),
+            "merged_windows": a.merged_windows + b.merged_windows,
+            "dropped_windows": a.dropped_windows + b.dropped_windows,
+            "extra": extra,
+            "shadow": shadow,
+            "labels": merge_label_reports(a.labels, b.labels),
+            "estimate": merge_confidence_sums(a.estimate, b.estimate),
+            "cpu_time_s": (
+                None
+                if a.cpu_time_s is None and b.cpu_time_s is None
+                else (a.cpu_time_s or 0.0) + (b.cpu_time_s or 0.0)
+            ),
+        }
+    )
+    try:
+        return encode_message(out)
+    except ProtocolError:
+        return None
+
+
+def merge_label_reports(a: LabelReport | None, b: LabelReport | None) -> LabelReport | None:
+    """Joined cells add per (model, hour); refusals add. Nothing is counted twice."""
+    if a is None or b is None:
+        return a or b
+    groups: dict[tuple[object, ...], LabelStats] = {}
+    for st in (*a.joined, *b.joined):
+        key = (st.bundle_sha256, st.model_name, st.model_version, st.predicted_hour)
+        old = groups.get(key)
+        if old is None:
+            groups[key] = st
+            continue
+        cells: dict[tuple[int, int], int] = {}
+        for p, t, n in (*old.confusion, *st.confusion):
+            cells[(p, t)] = cells.get((p, t), 0) + n
+        n_lag = max(len(old.lag_counts), len(st.lag_counts))
+        groups[key] = old.model_copy(
+            update={
+                "confusion": [(p, t, n) for (p, t), n in sorted(cells.items())],
+                "lag_counts": [
+                    (old.lag_counts[i] if i < len(old.lag_counts) else 0)
+                    + (st.lag_counts[i] if i < len(st.lag_counts) else 0)
+                    for i in range(n_lag)
+                ],
+                "lag_sum_s": old.lag_sum_s + st.lag_sum_s,
+                "late": old.late + st.late,
+            }
+        )
+    rejected = dict(a.rejected)
+    for k, v in b.rejected.items():
+        rejected[k] = rejected.get(k, 0) + v
+    return LabelReport(joined=list(groups.values()), rejected=rejected)
+
+
+def merge_confidence_sums(
+    a: ConfidenceSums | None, b: ConfidenceSums | None
+) -> ConfidenceSums | None:
+    """Sums of one model's windows add up."""
+    if a is None or b is None:
+        return a or b
+    n = max(len(a.class_prob_sums), len(b.class_prob_sums))
+    return ConfidenceSums(
+        rows=a.rows + b.rows,
+        calibrated_max_sum=a.calibrated_max_sum + b.calibrated_max_sum,
+        raw_max_sum=a.raw_max_sum + b.raw_max_sum,
+        class_prob_sums=[
+            (a.class_prob_sums[i] if i < len(a.class_prob_sums) else 0.0)
+            + (b.class_prob_sums[i] if i < len(b.class_prob_sums) else 0.0)
+            for i in range(n)
+        ],
+        calibrated=a.calibrated and b.calibrated,
+    )
+
+
+def _weighted(x: float | None, nx: int, y: float | None, ny: int) -> float | None:
+    if x is None or not nx:
+        return y
+    if y is None or not ny:
+        return x
+    return (x * nx + y * ny) / (nx + ny)

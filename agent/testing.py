@@ -39,7 +39,16 @@ from protocol.messages import DeployCommand, ReasonCode
 from protocol.signing import SigningKey
 from protocol.sketch import SketchBank
 
-__all__ = ["BuiltBundle", "FakeTransport", "FileFetcher", "Sent", "build_test_bundle"]
+__all__ = [
+    "BuiltBundle",
+    "ChunkResponder",
+    "DiskFullFetcher",
+    "FailingBackend",
+    "FakeTransport",
+    "FileFetcher",
+    "Sent",
+    "build_test_bundle",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +202,7 @@ def build_test_bundle(
     version: int = 1,
     golden_count: int = 16,
     golden_outputs: Mapping[str, np.ndarray] | None = None,
+    artifact_bytes: bytes | None = None,
     device_selectors: Sequence[str] = (),
     expires_in: timedelta = timedelta(days=30),
 ) -> BuiltBundle:
@@ -213,7 +223,7 @@ def build_test_bundle(
     baseline = Baseline(rows=len(samples), features=(spec,), sketches=bank.to_wire())
     baseline_bytes = baseline.model_dump_json().encode()
     files = {
-        "model/model.onnx": (model_bytes, "artifact"),
+        "model/model.onnx": (model_bytes if artifact_bytes is None else artifact_bytes, "artifact"),
         "baseline/sketches.json": (baseline_bytes, "baseline"),
         "golden/golden.npz": (golden, "golden"),
     }
@@ -253,3 +263,107 @@ def build_test_bundle(
         out, manifest, sign_manifest(manifest, [signer]), {p: b for p, (b, _) in files.items()}
     )
     return BuiltBundle(path=out, sha256=sha, size=out.stat().st_size, manifest=manifest)
+
+
+class DiskFullFetcher:
+    """A fetcher whose disk is full: writing the download raises OSError(ENOSPC)."""
+
+    def fetch(self, command: DeployCommand, dest_dir: Path, progress: ProgressFn) -> Path:
+        import errno
+        import os
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest_dir))
+
+
+class FailingBackend:
+    """Wraps a real backend; every run after the first ``ok_runs`` raises BackendError."""
+
+    def __init__(self, inner: Any, *, ok_runs: int) -> None:
+        self.inner = inner
+        self.ok_runs = ok_runs
+        self.runs = 0
+        self.description = "failing"
+
+    def load(self, path: Path, manifest: BundleManifest, profile: Any) -> None:
+        self.inner.load(path, manifest, profile)
+        self.description = f"failing({self.inner.description})"
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from agent.errors import BackendError
+
+        self.runs += 1
+        if self.runs > self.ok_runs:
+            raise BackendError("runtime crashed (injected)")
+        return dict(self.inner.run(inputs))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class ChunkResponder:
+    """Plays the fleet's chunk server on a FakeTransport: answers ChunkRequests from files.
+
+    ``corrupt`` lists chunk indexes whose first answer carries flipped bytes (the agent must
+    refuse them by their sha256 and ask again); ``drop_after`` stops answering after that
+    many chunks (a lost connection).
+    """
+
+    def __init__(
+        self,
+        transport: FakeTransport,
+        files: Mapping[str, Path],
+        *,
+        corrupt: Sequence[int] = (),
+        drop_after: int | None = None,
+    ) -> None:
+        self.transport = transport
+        self.files = dict(files)
+        self.corrupt = set(corrupt)
+        self.drop_after = drop_after
+        self.served: list[int] = []
+        self._orig_publish = transport.publish
+        transport.publish = self._publish  # type: ignore[method-assign]
+
+    def _publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> int | None:
+        mid = self._orig_publish(topic, payload, qos=qos, retain=retain)
+        if mid is not None and topic.endswith("/chunk_req"):
+            self._answer(topic, payload)
+        return mid
+
+    def _answer(self, topic: str, payload: bytes) -> None:
+        from protocol.messages import ChunkHeader, ChunkRequest, decode_message, encode_chunk
+
+        req = decode_message(payload, expect=ChunkRequest)
+        out = topic.rsplit("/", 1)[0] + "/chunk"
+        path = self.files.get(req.bundle_sha256)
+        for index in req.indexes:
+            if self.drop_after is not None and len(self.served) >= self.drop_after:
+                return
+            if path is None:
+                h = ChunkHeader(
+                    device_id=req.device_id,
+                    bundle_sha256=req.bundle_sha256,
+                    index=index,
+                    chunk_size=req.chunk_size,
+                    total_size=0,
+                    error="unknown bundle",
+                )
+                self.transport.deliver(out, encode_chunk(h, b""))
+                return
+            raw = path.read_bytes()
+            data = raw[index * req.chunk_size : (index + 1) * req.chunk_size]
+            h = ChunkHeader(
+                device_id=req.device_id,
+                bundle_sha256=req.bundle_sha256,
+                index=index,
+                chunk_size=req.chunk_size,
+                total_size=len(raw),
+                sha256=hashlib.sha256(data).hexdigest(),
+            )
+            if index in self.corrupt:
+                self.corrupt.discard(index)
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            self.served.append(index)
+            self.transport.deliver(out, encode_chunk(h, data))

@@ -72,8 +72,10 @@ class PahoTransport:
 
     ``birth`` is published retained after every connect and ``will`` is registered as the
     last will (and published by `stop`, since a clean disconnect suppresses the will).
-    Reconnects use paho's exponential backoff from a per-process random minimum delay, so a
-    fleet that lost its broker does not come back in lockstep.
+    The first connect is retried in a background thread with jittered exponential backoff
+    (tenacity), so a fleet of devices booting while the broker is down does not hammer it in
+    lockstep; later reconnects use paho's exponential backoff from a per-process random
+    minimum delay, for the same reason.
     """
 
     def __init__(
@@ -100,6 +102,10 @@ class PahoTransport:
         self._hooks: TransportHooks | None = None
         self._subs: dict[str, MessageHandler] = {}
         self._connected = threading.Event()
+        self._halt = threading.Event()
+        self._starter: threading.Thread | None = None
+        self._max_delay_s = max_reconnect_delay_s
+        self.connect_attempts = 0
         self._stopping = False
         self._lock = threading.Lock()
         self._client = mqtt.Client(
@@ -129,17 +135,51 @@ class PahoTransport:
         self._hooks = hooks
 
     def start(self) -> None:
-        try:
-            self._client.connect_async(
+        if not self.host or not 0 < self.port < 65536:
+            raise AgentError(f"cannot connect to MQTT {self.host!r}:{self.port}: bad address")
+        self._starter = threading.Thread(
+            target=self._first_connect, name="mqtt-connect", daemon=True
+        )
+        self._starter.start()
+
+    def _first_connect(self) -> None:
+        import tenacity
+
+        def attempt() -> None:
+            self.connect_attempts += 1
+            self._client.connect(
                 self.host,
                 self.port,
                 keepalive=self.keepalive_s,
                 clean_start=False,  # keep the session: commands sent while offline arrive later
                 properties=self._props,
             )
+
+        def log_retry(state: tenacity.RetryCallState) -> None:
+            if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0:
+                log.warning(
+                    "cannot reach MQTT %s:%d (attempt %d: %s); retrying with backoff",
+                    self.host,
+                    self.port,
+                    state.attempt_number,
+                    state.outcome.exception() if state.outcome else "?",
+                )
+
+        try:
+            tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type((OSError, ValueError)),
+                wait=tenacity.wait_random_exponential(multiplier=0.5, max=self._max_delay_s),
+                stop=lambda _state: self._halt.is_set(),
+                sleep=self._halt.wait,
+                before_sleep=log_retry,
+                reraise=True,
+            )(attempt)
         except (OSError, ValueError) as exc:
-            raise AgentError(f"cannot connect to MQTT {self.host}:{self.port}: {exc}") from exc
-        self._client.loop_start()
+            log.info("gave up connecting to MQTT (stopping): %s", exc)
+            return
+        if self._halt.is_set():
+            return
+        self._client.loop_start()  # paho reconnects by itself from here on
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
@@ -164,6 +204,9 @@ class PahoTransport:
 
     def stop(self) -> None:
         self._stopping = True
+        self._halt.set()
+        if self._starter is not None:
+            self._starter.join(timeout=10.0)
         if self._connected.is_set():
             bye = self._will()
             info = self._client.publish(bye.topic, bye.payload, qos=1, retain=True)

@@ -25,20 +25,41 @@ class SyntheticWorkload:
     """
 
     def __init__(
-        self, service: InferenceService, path: Path, *, rate_hz: float, key: str = "input"
+        self,
+        service: InferenceService,
+        path: Path,
+        *,
+        rate_hz: float,
+        key: str = "input",
+        label_key: str = "label",
+        label_fraction: float = 0.0,
+        seed: int = 0,
     ) -> None:
         if rate_hz <= 0:
             raise ConfigError(f"--rate must be positive; got {rate_hz}")
+        if not 0.0 <= label_fraction <= 1.0:
+            raise ConfigError(f"--label-fraction must be in [0, 1]; got {label_fraction}")
+        self.labels: np.ndarray | None = None
         try:
             with np.load(path, allow_pickle=False) as npz:
                 if key not in npz.files:
                     raise ConfigError(f"--workload {path} has no key {key!r}; keys: {npz.files}")
                 self.samples = np.asarray(npz[key])
+                if label_fraction > 0:
+                    if label_key not in npz.files:
+                        raise ConfigError(
+                            f"--label-fraction needs key {label_key!r} in {path}; keys: {npz.files}"
+                        )
+                    self.labels = np.asarray(npz[label_key])
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--workload {path}: {exc}") from exc
         if self.samples.ndim < 1 or len(self.samples) == 0:
             raise ConfigError(f"--workload {path}: key {key!r} holds no samples")
         self.service = service
+        self.label_fraction = label_fraction
+        # The application learns the truth for some predictions (an operator's correction,
+        # a downstream confirmation) and reports it through the agent, as a real one would.
+        self._rng = np.random.default_rng(seed)
         self.period_s = 1.0 / rate_hz
         self.calls = 0
         self._stop = threading.Event()
@@ -59,10 +80,15 @@ class SyntheticWorkload:
             model = self.service.model
             if model is not None:
                 name = model.manifest.inputs[0].name
-                sample = self.samples[i % len(self.samples)][None]
+                index = i % len(self.samples)
+                sample = self.samples[index][None]
                 i += 1
                 try:
-                    self.service.predict({name: sample})
+                    if self.labels is not None and self._rng.random() < self.label_fraction:
+                        prediction_id, _ = self.service.predict_with_id({name: sample})
+                        self.service.report_label(prediction_id, int(self.labels[index]))
+                    else:
+                        self.service.predict({name: sample})
                 except InferenceError as exc:
                     log.debug("workload inference failed: %s", exc)
                 self.calls += 1
