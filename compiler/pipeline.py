@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from compiler.baseline import BASELINE_PATH, baseline_bytes, build_baseline
+from compiler.calibration import CALIBRATION_PATH, CalibrationMap, fit_calibration
 from compiler.data import Dataset, load_dataset
 from compiler.errors import (
     CompileError,
@@ -628,6 +629,13 @@ def compile_model(options: CompileOptions, *, progress: Progress | None = None) 
             BundleFile(path=GOLDEN_PATH, data=golden.data, role="golden"),
         ]
         task = "classification" if any(is_classifier_output(f) for f in float_held) else "other"
+        calibration_map = _calibration_map(task, model.outputs, chosen.outputs, heldout.labels)
+        if calibration_map is not None:
+            files.append(
+                BundleFile(
+                    path=CALIBRATION_PATH, data=calibration_map.to_bytes(), role="calibration_map"
+                )
+            )
         lineage = {
             "source_model_file": Path(options.model_path).name,
             "source_model_sha256": model.sha256,
@@ -698,6 +706,18 @@ def compile_model(options: CompileOptions, *, progress: Progress | None = None) 
         reproducible=reproducible,
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _calibration_map(
+    task: str, outputs: Any, artifact_outputs: list[np.ndarray], labels: np.ndarray | None
+) -> CalibrationMap | None:
+    """Temperature scaling of the artifact's first 2-D output on the labelled held-out set."""
+    if task != "classification" or labels is None:
+        return None
+    for info, out in zip(outputs, artifact_outputs, strict=True):
+        if out.ndim == 2 and out.shape[1] > 1 and len(out) == len(labels):
+            return fit_calibration(info.name, out, labels)
+    return None
 
 
 def _attempt_fields(a: Attempt) -> dict[str, Any]:
