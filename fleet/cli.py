@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fleet import security_cli as _security_cli
 from fleet.client import FleetClient, FleetClientError
 
 __all__ = ["app", "devices_app"]
@@ -66,6 +67,14 @@ def serve(
         str | None, typer.Option("--public-url", help="Base URL devices use to download bundles.")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    migrate_schema: Annotated[
+        bool,
+        typer.Option(
+            "--migrate/--no-migrate",
+            help="Bring the database schema up to date at start (default), or refuse to "
+            "start on an old schema (run `edgefleet fleet migrate` yourself).",
+        ),
+    ] = True,
 ) -> None:
     """Run the fleet service (REST API + MQTT ingest) until SIGTERM or Ctrl-C.
 
@@ -106,6 +115,11 @@ def serve(
     from fleet.errors import FleetError
 
     try:
+        _prepare_schema(settings.database_url, migrate_schema)
+    except FleetError as exc:
+        raise _fail(exc.message, 2) from None
+
+    try:
         fastapi_app = create_app(settings)
     except FleetError as exc:
         raise _fail(exc.message, 2) from None
@@ -130,6 +144,84 @@ def serve(
         raise _fail("the fleet service did not start (see the log above)", 3)
     if signal.SIGINT in stopped_by:
         raise typer.Exit(130)
+
+
+def _prepare_schema(url: str, migrate_schema: bool) -> None:
+    """Migrate the database to head, or check that it is there (SchemaError if not)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fleet.db import check_schema, make_engine, migrate
+    from fleet.errors import FleetError
+
+    if "memory" in url or url in ("sqlite://", "sqlite:///"):
+        return  # a private in-memory database: the app creates its tables
+    engine = make_engine(url)
+    try:
+        if migrate_schema:
+            result = migrate(engine)
+            if result.adopted:
+                log.info("database schema adopted at revision %s (made before migrations)",
+                         result.after)  # fmt: skip
+            elif result.changed:
+                log.info("database schema migrated from %s to %s", result.before, result.after)
+        else:
+            check_schema(engine)
+    except SQLAlchemyError as exc:
+        raise FleetError(f"database {engine.url.render_as_string()}: {exc}") from exc
+    finally:
+        engine.dispose()
+
+
+@app.command("migrate")
+def migrate_command(
+    db: Annotated[
+        str,
+        typer.Option(
+            "--db",
+            envvar="EDGEFLEET_FLEET_DATABASE_URL",
+            help="Database URL (sqlite:///... or postgresql+psycopg://...).",
+        ),
+    ] = "sqlite:///./fleet.db",
+    to: Annotated[str, typer.Option("--to", help="Target revision.")] = "head",
+    check: Annotated[
+        bool, typer.Option("--check", help="Change nothing; exit 1 unless the schema is at head.")
+    ] = False,
+) -> None:
+    """Bring the fleet database's schema to the newest revision (Alembic ``upgrade head``).
+
+    Safe to run while fleet processes run and from several places at once: on PostgreSQL
+    migrations take an advisory lock; on SQLite the write lock.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fleet.db import check_schema, head_revision, make_engine, migrate
+    from fleet.errors import FleetError
+    from fleet.settings import FleetSettings
+
+    _setup_logging("warning")
+    try:
+        url = FleetSettings._database_url_ok(db)  # the same URL rules as `serve`
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    engine = make_engine(url)
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        if check:
+            typer.echo(f"{shown}: schema at revision {check_schema(engine)} (head)")
+            return
+        result = migrate(engine, revision=to)
+    except FleetError as exc:
+        raise _fail(exc.message, 1) from None
+    except SQLAlchemyError as exc:
+        raise _fail(f"database {shown}: {exc}", 1) from None
+    finally:
+        engine.dispose()
+    if result.adopted:
+        typer.echo(f"{shown}: existing schema adopted at revision {result.after}")
+    elif result.changed:
+        typer.echo(f"{shown}: migrated from {result.before or 'empty'} to {result.after}")
+    else:
+        typer.echo(f"{shown}: already at revision {result.after} (head {head_revision()})")
 
 
 @app.command()
@@ -242,6 +334,9 @@ def devices(
         )
     Console().print(table)
 
+
+# enroll, revoke, token, audit, broker-config, trust-root (docs/security.md)
+_security_cli.register(app)
 
 if __name__ == "__main__":
     app()
