@@ -3,7 +3,9 @@
 #   make lint          ruff check, ruff format --check, mypy (strict on protocol/)
 #   make demo          the end-to-end demo (DEMO_ARGS="..." passes options through)
 #   make models        retrain the shipped demo model into models/digits/
+#   make test-arm64    the agent in an arm64 Debian userland under qemu (root; docs/arm64.md)
 #   make clean         caches and build outputs (distclean also removes .venv)
+#   make bench         every benchmark in quick mode, one summary table (BENCH_ARGS=--full)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -38,6 +40,15 @@ test: venv mosquitto
 	  if [ $$rc -eq 5 ]; then echo "error: pytest ran no tests (exit 5)" >&2; fi; \
 	  exit $$rc
 
+# The agent on arm64 (Raspberry Pi / Jetson userland) under qemu-user; needs root. The rootfs
+# and venv are cached outside the repo (EDGEFLEET_ARM64_CACHE). ARM64_ARGS=--smoke runs the
+# reduced check; other ARM64_ARGS go to pytest. A missing prerequisite prints SKIPPED and
+# exits 0 (non-zero with EDGEFLEET_REQUIRE_ARM64=1). See docs/arm64.md.
+.PHONY: test-arm64
+ARM64_ARGS ?=
+test-arm64: venv mosquitto
+	@scripts/arm64/test.sh $(ARM64_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -61,3 +72,11 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# Every benchmarks/*.py (quick mode unless BENCH_ARGS=--full), each with a timeout, then ONE
+# table: benchmarks/results/SUMMARY.md and summary.json (machine, figures, baselines, goals).
+# BENCH_ARGS="--only scale --timeout-s 1800" or "--summary-only" pass through.
+.PHONY: bench
+BENCH_ARGS ?=
+bench: venv mosquitto
+	$(VENV_PY) benchmarks/run_all.py $(BENCH_ARGS)

@@ -17,6 +17,8 @@ from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from fleet.audit import record as audit_record
+from fleet.auth import actor_of
 from fleet.db import SessionDep
 from fleet.deployment import CommandPublisher, deploy, rollback
 from fleet.errors import Conflict, InvalidRequest, NotFound
@@ -124,8 +126,25 @@ async def upload_bundle(
         bundle, created = await run_in_threadpool(store.add, session, tmp)
     finally:
         tmp.unlink(missing_ok=True)
+    if created:
+        await run_in_threadpool(_audit_upload, session, actor_of(request), bundle)
     response.status_code = 201 if created else 200
     return bundle
+
+
+def _audit_upload(session: Session, actor: str, bundle: Bundle) -> None:
+    audit_record(
+        session,
+        actor,
+        "bundle.upload",
+        after={
+            "model": bundle.model_name,
+            "version": bundle.model_version,
+            "profile": bundle.profile,
+        },
+        bundle_sha256=bundle.sha256,
+    )
+    session.commit()
 
 
 @api_router.get("/bundles", response_model=list[BundlePublic])
@@ -172,7 +191,11 @@ def download_bundle(sha256: str, session: SessionDep, store: StoreDep) -> FileRe
 
 @api_router.post("/devices", response_model=DevicePublic, status_code=201)
 def register_device(
-    body: DeviceCreate, response: Response, session: SessionDep, settings: SettingsDep
+    body: DeviceCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    request: Request,
 ) -> Any:
     """Register a device (201); the same again, or adopting a self-registered one, is 200."""
     try:
@@ -182,16 +205,28 @@ def register_device(
     device = session.get(Device, body.id)
     if device is None:
         device = Device(
-            id=body.id, profile=body.profile, tags=sorted(set(body.tags)), registered_at=utcnow()
+            id=body.id,
+            profile=body.profile,
+            tags=sorted(set(body.tags)),
+            groups=sorted(set(body.groups)),
+            registered_at=utcnow(),
         )
         session.add(device)
     elif device.auto_registered or device.profile in (None, body.profile):
         device.profile = body.profile
         device.tags = sorted({*(device.tags or []), *body.tags})
+        device.groups = sorted({*(device.groups or []), *body.groups})
         device.auto_registered = False
         response.status_code = 200
     else:
         raise Conflict(f"device {body.id!r} is already registered with profile {device.profile!r}")
+    audit_record(
+        session,
+        actor_of(request),
+        "device.register",
+        after={"profile": device.profile, "tags": device.tags},
+        target=body.id,
+    )
     session.commit()
     session.refresh(device)
     return _device_public(session, device, settings)
@@ -240,10 +275,29 @@ def rollback_device(
     device_id: str,
     session: SessionDep,
     publisher: PublisherDep,
+    request: Request,
     body: Annotated[RollbackCreate | None, Body()] = None,
 ) -> Any:
     """Send the device a rollback command (to its previous bundle unless one is named)."""
-    return rollback(session, publisher, device_id, body or RollbackCreate())
+    device = session.get(Device, device_id)
+    before = {"desired_bundle_sha256": device.desired_bundle_sha256} if device else None
+    target = body.target_bundle_sha256 if body else None
+    if device is not None and target is not None:
+        # checked before the command is sent: desired state may only name a known bundle
+        # (a foreign key), and an unknown one used to fail after publishing (fuzz finding)
+        _bundle(session, target)
+    result = rollback(session, publisher, device_id, body or RollbackCreate())
+    audit_record(
+        session,
+        actor_of(request),
+        "device.rollback",
+        before=before,
+        after={"desired_bundle_sha256": result.bundle_sha256, "command_id": result.id},
+        bundle_sha256=result.bundle_sha256,
+        target=device_id,
+    )
+    session.commit()
+    return result
 
 
 # -- deployments --------------------------------------------------------------------------
@@ -251,10 +305,28 @@ def rollback_device(
 
 @api_router.post("/deployments", response_model=DeploymentPublic, status_code=201)
 def create_deployment(
-    body: DeploymentCreate, session: SessionDep, settings: SettingsDep, publisher: PublisherDep
+    body: DeploymentCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
+    request: Request,
 ) -> Any:
     """Set desired state and send a deploy command to each device (named, or by profile)."""
-    return deploy(session, settings, publisher, body)
+    result = deploy(session, settings, publisher, body)
+    audit_record(
+        session,
+        actor_of(request),
+        "deployment.create",
+        after={
+            "deployment_id": result.id,
+            "target": result.target,
+            "device_ids": [c.device_id for c in result.commands],
+        },
+        bundle_sha256=result.bundle_sha256,
+        target=result.id,
+    )
+    session.commit()
+    return result
 
 
 # -- operations ---------------------------------------------------------------------------

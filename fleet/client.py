@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,9 +26,14 @@ class FleetClientError(Exception):
 
 
 class FleetClient:
-    def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """``token`` defaults to $EDGEFLEET_TOKEN; it is sent as ``Authorization: Bearer``."""
+
+    def __init__(
+        self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, token: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.token = token or os.environ.get("EDGEFLEET_TOKEN") or None
 
     def _call(
         self,
@@ -39,6 +45,8 @@ class FleetClient:
         headers: dict[str, str] | None = None,
     ) -> Any:
         hdrs = {"Accept": "application/json", **(headers or {})}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
         if body is not None:
             data = json.dumps(body).encode()
             hdrs["Content-Type"] = "application/json"
@@ -90,6 +98,41 @@ class FleetClient:
         body = {"target_bundle_sha256": target_bundle_sha256, "reason": reason}
         return self._call(  # type: ignore[no-any-return]
             "POST", f"/api/v1/devices/{device_id}/rollback", body=body
+        )
+
+    def enroll(
+        self,
+        device_id: str,
+        *,
+        profile: str,
+        tags: list[str] | None = None,
+        certificate: bool = False,
+    ) -> dict[str, Any]:
+        """POST /api/v1/devices/enroll (admin): the device's credentials, shown once."""
+        body = {
+            "device_id": device_id,
+            "profile": profile,
+            "tags": tags or [],
+            "certificate": certificate,
+        }
+        return self._call("POST", "/api/v1/devices/enroll", body=body)  # type: ignore[no-any-return]
+
+    def revoke_device(self, device_id: str) -> dict[str, Any]:
+        """POST /api/v1/devices/{id}/revoke (admin)."""
+        return self._call("POST", f"/api/v1/devices/{device_id}/revoke")  # type: ignore[no-any-return]
+
+    def create_token(self, name: str, role: str) -> dict[str, Any]:
+        """POST /api/v1/tokens (admin)."""
+        body = {"name": name, "role": role}
+        return self._call("POST", "/api/v1/tokens", body=body)  # type: ignore[no-any-return]
+
+    def install_trust_root(self, raw: bytes) -> dict[str, Any]:
+        """POST /api/v1/trust-root (admin): root N+1, pushed to devices."""
+        return self._call(  # type: ignore[no-any-return]
+            "POST",
+            "/api/v1/trust-root",
+            data=raw,
+            headers={"Content-Type": "application/json"},
         )
 
 

@@ -75,6 +75,7 @@ def _public(
         id=device.id,
         profile=device.profile,
         tags=list(device.tags or []),
+        groups=list(device.groups or []),
         registered_at=device.registered_at,
         auto_registered=device.auto_registered,
         last_seen=device.last_seen,
@@ -86,6 +87,8 @@ def _public(
         desired_bundle_sha256=device.desired_bundle_sha256,
         inference_count=inferences,
         latency_p95_ms=p95,
+        state_mismatch=device.desired_bundle_sha256 is not None
+        and device.desired_bundle_sha256 != device.reported_bundle_sha256,
     )
 
 

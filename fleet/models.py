@@ -105,6 +105,8 @@ class DeviceBase(SQLModel):
     #: None until the device's first heartbeat says it (auto-registered devices)
     profile: str | None = Field(default=None, index=True, max_length=64)
     tags: list[str] = Field(default_factory=list, sa_type=JSON)
+    #: operator-assigned groups (rollout targets); tags come from the device too
+    groups: list[str] = Field(default_factory=list, sa_type=JSON)
 
 
 class DeviceCreate(DeviceBase):
@@ -146,6 +148,8 @@ class DevicePublic(DeviceBase):
     inference_count: int
     #: p95 latency of the device's latest telemetry window (ms), if it reported latency
     latency_p95_ms: float | None
+    #: it runs another bundle than the fleet wants (the reconciler re-sends, rate-limited)
+    state_mismatch: bool = False
 
 
 class DeviceEventBase(SQLModel):
@@ -278,3 +282,8 @@ class RollbackCreate(SQLModel):
 class DeviceDetail(DevicePublic):
     events: list[DeviceEventPublic]
     commands: list[CommandPublic]
+
+
+# Rollout tables live with the rollout package; importing them here registers them on the
+# metadata, so `fleet.db.create_db` creates them too. Last, because they import from here.
+from fleet.rollout import table as _rollout_table  # noqa: E402, F401

@@ -30,16 +30,26 @@ __all__ = ["FleetMqtt", "MessageSink", "client_id_for_process"]
 
 log = logging.getLogger(__name__)
 
-MessageSink = Callable[[str, bytes], None]
+#: (topic, payload, ack): ``ack()`` sends the PUBACK; call it only once the message is stored
+MessageSink = Callable[[str, bytes, Callable[[], None]], None]
 
 RECONNECT_MIN_DELAY_S = 1
 RECONNECT_MAX_DELAY_S = 30
 UPWARD_CHANNELS = (Channel.STATUS, Channel.TELEMETRY, Channel.HEARTBEAT, Channel.PRESENCE)
 
 
-def client_id_for_process() -> str:
-    """Stable for this process (host, pid) plus a random suffix, so restarts never collide."""
+def client_id_for_process(settings: FleetSettings | None = None) -> str:
+    """The broker identity of this fleet process: stable across restarts of the same service.
+
+    A killed process's session lives on at the broker (session expiry) and keeps receiving
+    its share of the shared subscriptions; a restart with the same client id takes that
+    session over and reads what queued there, instead of leaving it to expire unread.
+    """
+    if settings is not None and settings.mqtt_client_id:
+        return settings.mqtt_client_id
     host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_")[:24] or "host"
+    if settings is not None:
+        return f"edgefleet-fleet-{host}-{settings.http_port}"
     return f"edgefleet-fleet-{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
@@ -51,12 +61,15 @@ class FleetMqtt:
     ) -> None:
         self._settings = settings
         self._sink = sink
-        self.client_id = client_id or client_id_for_process()
+        self.client_id = client_id or client_id_for_process(settings)
         self._connected = threading.Event()
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5,
+            # PUBACK only after the message is committed to the database: a crash between
+            # receipt and commit leaves it un-acknowledged, and the broker sends it again.
+            manual_ack=True,
         )
         if settings.mqtt_username is not None:
             password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
@@ -167,8 +180,13 @@ class FleetMqtt:
         if was:
             log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
 
-    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        mid, qos = msg.mid, msg.qos
+
+        def ack() -> None:
+            client.ack(mid, qos)
+
         try:
-            self._sink(msg.topic, bytes(msg.payload))
+            self._sink(msg.topic, bytes(msg.payload), ack)
         except Exception:  # an exception here would end paho's network loop
             log.exception("could not hand a message on %s to ingest", msg.topic)

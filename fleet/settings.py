@@ -35,6 +35,9 @@ class FleetSettings(BaseSettings):
     mqtt_password: SecretStr | None = None
     #: the ``$share/<group>/...`` group: every fleet process of one fleet uses the same one
     mqtt_share_group: str = "fleet"
+    #: None: ``edgefleet-fleet-<host>-<http_port>``, stable across restarts, so a restarted
+    #: process resumes its broker session and gets the messages queued while it was down
+    mqtt_client_id: str | None = None
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     #: how long the broker keeps this process's session (and queues its messages) after a
     #: crash; a clean shutdown ends the session at once
@@ -57,9 +60,36 @@ class FleetSettings(BaseSettings):
     offline_after_s: float = Field(default=180.0, gt=0.0)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1, le=MAX_BUNDLE_BYTES)
 
+    #: bearer tokens with roles on the REST API (docs/security.md); turn off for local
+    #: experiments only (EDGEFLEET_FLEET_AUTH_ENABLED=false): the fleet logs a loud warning
+    auth_enabled: bool = True
+    #: the broker directory written by `edgefleet fleet broker-config` (passwd, acl, CA);
+    #: when set, enrolling or revoking a device rewrites the password file and reloads
+    broker_dir: Path | None = None
+    #: Mosquitto's pid file (SIGHUP reloads it); default ``<broker_dir>/mosquitto.pid``
+    broker_pid_file: Path | None = None
+
     #: bounded queue between the MQTT thread and the DB writer, and the writer's batch size
     ingest_queue_max: int = Field(default=10_000, ge=1)
     ingest_batch_max: int = Field(default=500, ge=1, le=100_000)
+
+    #: rollouts: how often each process steps active rollouts, and how long a process's
+    #: claim on a rollout (and on outbox rows it is sending) lasts without renewal
+    rollout_tick_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+    rollout_lease_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    #: commands published at once (each waits for its PUBACK)
+    rollout_publish_concurrency: int = Field(default=16, ge=1, le=256)
+    #: run the rollout loop in this process (every fleet process may; leases share the work)
+    rollout_loop: bool = True
+    #: re-send a device its desired bundle at most this often (0 = never), this many times
+    reconcile_interval_s: float = Field(default=300.0, ge=0.0)
+    reconcile_max_attempts: int = Field(default=3, ge=1, le=1000)
+    #: service-level objectives for /metrics burn rates, over the last slo_window_s
+    slo_success_rate: float = Field(default=0.999, gt=0.0, lt=1.0)
+    slo_latency_p95_ms: float = Field(default=100.0, gt=0.0)
+    slo_window_s: float = Field(default=300.0, gt=0.0)
+    #: tests only: SIGKILL this process at the Nth rollout checkpoint (see fleet.rollout.crash)
+    crash_at_checkpoint: int | None = Field(default=None, ge=1)
 
     @field_validator("database_url")
     @classmethod

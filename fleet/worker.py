@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -124,9 +124,12 @@ class IngestWorker:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_max)
         self._thread: threading.Thread | None = None
 
-    def submit(self, topic: str, payload: bytes) -> None:
-        """Enqueue one message; blocks while the queue is full (back-pressure)."""
-        self._queue.put((topic, payload))
+    def submit(self, topic: str, payload: bytes, ack: Callable[[], None] | None = None) -> None:
+        """Enqueue one message; blocks while the queue is full (back-pressure).
+
+        ``ack`` (the broker acknowledgement) is called after the message's batch commits.
+        """
+        self._queue.put((topic, payload, ack))
 
     @property
     def backlog(self) -> int:
@@ -157,11 +160,14 @@ class IngestWorker:
         while not stopping:
             item = self._queue.get()
             batch: list[tuple[str, bytes]] = []
+            acks: list[Callable[[], None] | None] = []
             while True:
                 if item is _STOP:
                     stopping = True
                 else:
-                    batch.append(item)  # type: ignore[arg-type]
+                    topic, payload, ack = item  # type: ignore[misc]
+                    batch.append((topic, payload))
+                    acks.append(ack)
                 if stopping or len(batch) >= self._batch_max:
                     break
                 try:
@@ -170,6 +176,17 @@ class IngestWorker:
                     break
             if batch:
                 try:
-                    ingest_batch(self._engine, batch, self._stats)
+                    results = ingest_batch(self._engine, batch, self._stats)
                 except Exception:  # never let the writer thread die
-                    log.exception("ingest batch of %d messages lost", len(batch))
+                    # Not acknowledged: the broker redelivers them when the session resumes.
+                    log.exception("ingest batch of %d messages not stored", len(batch))
+                    continue
+                for ack, result in zip(acks, results, strict=True):
+                    # A message we failed to store (database down) stays unacknowledged so
+                    # the broker sends it again; bad input is acknowledged: it cannot improve.
+                    if ack is None or result.reason == Reason.INTERNAL:
+                        continue
+                    try:
+                        ack()
+                    except Exception:  # a lost connection: the broker redelivers later
+                        log.debug("could not acknowledge a stored message", exc_info=True)

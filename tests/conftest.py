@@ -32,6 +32,9 @@ from tests.procs import (
     live_processes,
 )
 
+# PostgreSQL fixtures (``postgres_cluster``, ``pg_url``): tests/pg.py
+pytest_plugins = ["tests.pg"]
+
 # Long-lived helpers that Python libraries start by themselves and stop at interpreter exit.
 _IGNORED_HELPERS = (
     "multiprocessing.resource_tracker",

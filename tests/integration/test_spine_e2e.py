@@ -2,11 +2,20 @@
 
 Mosquitto, the fleet service and two agents run as separate processes; the bundle is made
 by the real `edgefleet compile` command; telemetry flows back through the broker.
+
+Secure as in production (docs/security.md): the broker runs the configuration that
+`edgefleet fleet broker-config` writes (no anonymous access, per-device ACL), the fleet logs
+in with its service account, each agent with the credentials `edgefleet fleet enroll` made
+for it, and every API call carries a bearer token (the first admin's made with
+`edgefleet fleet token create --db`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +27,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.keys_cli import init_keys
+from fleet.broker_config import write_broker_config
 from fleet.client import FleetClient, FleetClientError
-from tests.broker import Broker
+from tests.broker import Broker, find_mosquitto
 from tests.procs import ProcessGroup, free_port
 
 pytestmark = pytest.mark.integration
@@ -61,12 +71,27 @@ def _compile(tmp: Path, keys: Path) -> tuple[Path, str]:
     return Path(path), sha
 
 
-def _publish_raw(broker: Broker, topic: str, payload: bytes) -> None:
+def _secure_broker(procs: ProcessGroup, directory: Path) -> tuple[Broker, dict[str, str]]:
+    """Mosquitto on the fleet's own secure configuration; returns it and the service login."""
+    port = free_port()
+    me = pwd.getpwuid(os.getuid()).pw_name  # tmp dirs are private: keep the broker as us
+    files, service = write_broker_config(directory, port=port, extra_lines=[f"user {me}"])
+    argv = [find_mosquitto(), "-c", str(files.conf)]
+    if stdbuf := shutil.which("stdbuf"):
+        argv = [stdbuf, "-oL", *argv]
+    process = procs.start("mosquitto", argv, cwd=directory)
+    procs.wait_for_port(port, timeout_s=10, process=process)
+    broker = Broker(host="127.0.0.1", port=port, process=process, config_path=files.conf)
+    return broker, service
+
+
+def _publish_raw(broker: Broker, topic: str, payload: bytes, creds: dict[str, str]) -> None:
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"test-raw-{time.monotonic_ns()}",
         protocol=mqtt.MQTTv5,
     )
+    client.username_pw_set(creds["username"], creds["password"])
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:
@@ -92,11 +117,19 @@ def _wait(predicate: Any, what: str, timeout_s: float, procs: ProcessGroup) -> A
 
 
 def test_model_reaches_devices_and_telemetry_comes_back(
-    tmp_path: Path, mosquitto: Broker, procs: ProcessGroup
+    tmp_path: Path, procs: ProcessGroup
 ) -> None:
     keys = tmp_path / "keys"
     init_keys(keys)
     bundle, sha = _compile(tmp_path, keys)
+    mosquitto, service = _secure_broker(procs, tmp_path / "broker")
+
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    admin = subprocess.run(
+        [*EDGEFLEET, "fleet", "token", "create", "--role", "admin", "--name", "spine-admin",
+         "--db", db_url],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip().splitlines()[-1]  # fmt: skip
 
     port = free_port()
     fleet_url = f"http://127.0.0.1:{port}"
@@ -105,13 +138,18 @@ def test_model_reaches_devices_and_telemetry_comes_back(
         [
             *EDGEFLEET, "fleet", "serve",
             "--trust-root", str(keys / "trust-root.json"),
-            "--db", f"sqlite:///{tmp_path / 'fleet.db'}",
+            "--db", db_url,
             "--mqtt-host", mosquitto.host, "--mqtt-port", str(mosquitto.port),
             "--bundle-dir", str(tmp_path / "bundles"),
             "--host", "127.0.0.1", "--port", str(port),
         ],
+        extra_env={
+            "EDGEFLEET_FLEET_MQTT_USERNAME": service["username"],
+            "EDGEFLEET_FLEET_MQTT_PASSWORD": service["password"],
+            "EDGEFLEET_FLEET_BROKER_DIR": str(tmp_path / "broker"),
+        },
     )  # fmt: skip
-    client = FleetClient(fleet_url, timeout_s=10)
+    client = FleetClient(fleet_url, timeout_s=10, token=admin)
 
     def mqtt_connected() -> bool:
         try:
@@ -121,10 +159,23 @@ def test_model_reaches_devices_and_telemetry_comes_back(
 
     procs.wait_for_http(f"{fleet_url}/healthz", timeout_s=30, process=fleet)
     _wait(mqtt_connected, "the fleet's MQTT connection", 20, procs)
+    with pytest.raises(FleetClientError) as no_token:
+        FleetClient(fleet_url, timeout_s=10, token="eft_wrong").devices()
+    assert no_token.value.status == 401
 
     run_id = f"{time.monotonic_ns() % 10**8}"
     devices = [f"spine-{run_id}-a", f"spine-{run_id}-b"]
+    cli_env = {**os.environ, "EDGEFLEET_TOKEN": admin}
+    creds: dict[str, dict[str, str]] = {}
     for dev in devices:
+        out = tmp_path / f"{dev}.credentials.json"
+        subprocess.run(
+            [*EDGEFLEET, "fleet", "enroll", "--device", dev, "--profile", "x86-cpu",
+             "--out", str(out), "--fleet", fleet_url],
+            capture_output=True, text=True, timeout=60, check=True, env=cli_env,
+        )  # fmt: skip
+        assert out.stat().st_mode & 0o777 == 0o600
+        creds[dev] = json.loads(out.read_text())
         procs.start(
             dev,
             [
@@ -134,6 +185,7 @@ def test_model_reaches_devices_and_telemetry_comes_back(
                 "--profile", "x86-cpu",
                 "--trust-root", str(keys / "trust-root.json"),
                 "--mqtt-host", mosquitto.host, "--mqtt-port", str(mosquitto.port),
+                "--credentials", str(out),
                 "--telemetry-window-s", "1", "--heartbeat-s", "1",
                 "--workload", str(DIGITS / "heldout.npz"), "--rate", "20",
             ],
@@ -187,10 +239,12 @@ def test_model_reaches_devices_and_telemetry_comes_back(
     # Bad input on the wire: malformed bytes on a device topic, and a message claiming to
     # come from another device. Both are counted as rejected; nothing crashes.
     before = client._call("GET", "/api/v1/stats")["rejected"]
-    _publish_raw(mosquitto, f"edgefleet/v1/{devices[0]}/telemetry", b"{not json")
+    # (sent with device a's own credentials: a compromised device, inside its ACL)
+    own = creds[devices[0]]
+    _publish_raw(mosquitto, f"edgefleet/v1/{devices[0]}/telemetry", b"{not json", own)
     spoof = json.dumps({"kind": "presence", "device_id": devices[1], "online": False}).encode()
-    _publish_raw(mosquitto, f"edgefleet/v1/{devices[0]}/presence", spoof)
-    _publish_raw(mosquitto, f"edgefleet/v1/{devices[0]}/cmd", b"\x00garbage")
+    _publish_raw(mosquitto, f"edgefleet/v1/{devices[0]}/presence", spoof, own)
+    _publish_raw(mosquitto, f"edgefleet/v1/{devices[0]}/cmd", b"\x00garbage", own)
 
     def rejected_twice() -> bool:
         after = client._call("GET", "/api/v1/stats")["rejected"]
@@ -205,7 +259,7 @@ def test_model_reaches_devices_and_telemetry_comes_back(
     # The operator's view from the CLI.
     out = subprocess.run(
         [*EDGEFLEET, "devices", "--fleet", fleet_url, "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True, text=True, timeout=60, check=True, env=cli_env,
     )  # fmt: skip
     listed = {d["id"]: d for d in json.loads(out.stdout)}
     assert all(listed[d]["model_version"] == 1 for d in devices)

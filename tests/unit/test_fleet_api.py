@@ -153,6 +153,8 @@ def make_settings(tmp_path: Path, keys: Keys, **kw: object) -> FleetSettings:
         trust_root=keys.trust_path,
         bundle_dir=tmp_path / "bundles",
         public_url="http://fleet.test:8080",
+        # auth has its own tests (test_auth_api.py); these test the endpoints behind it
+        auth_enabled=False,
     )
     base.update(kw)
     return FleetSettings(**base)  # type: ignore[arg-type]

@@ -285,6 +285,27 @@ def test_worker_writes_everything_queued_before_stop(engine: Engine) -> None:
     assert snap["stored"] == {"heartbeat": 1, "telemetry": 20}
 
 
+def test_worker_acknowledges_only_what_it_stored(engine: Engine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The broker's PUBACK is sent after the commit; a batch that is not stored stays unacked."""
+    acked: list[int] = []
+    worker = IngestWorker(engine, IngestStats(), queue_max=8, batch_max=4)
+    worker.start()
+    for seq in range(6):
+        w = telemetry(seq)
+        worker.submit(topic_of(w), encode_message(w), lambda seq=seq: acked.append(seq))
+    worker.stop()
+    assert sorted(acked) == list(range(6))
+
+    broken = make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'fleet.db'}")
+    unacked: list[int] = []
+    worker = IngestWorker(broken, IngestStats(), queue_max=8, batch_max=4)
+    worker.start()
+    w = telemetry(99)
+    worker.submit(topic_of(w), encode_message(w), lambda: unacked.append(99))
+    worker.stop()
+    assert unacked == []
+
+
 def test_file_database_shared_by_two_engines(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Two writers (like two fleet processes) on one SQLite file: no lost or doubled rows."""
     url = f"sqlite:///{tmp_path / 'fleet.db'}"
