@@ -314,7 +314,10 @@ def _drift(d: dict[str, Any]) -> Iterator[Figure]:
     for r in d.get("fleet_cost", []):
         yield Figure(
             benchmark="drift",
-            figure=f"merge + test, {r['devices']:,} devices x {r['features']} features, s",
+            figure=(
+                f"merge + test, {r['devices']:,} devices x {r['features']} features x "
+                f"{r.get('values_per_window', '?')} values, s"
+            ),
             value=_n(r.get("ours_total_s")),
             baseline=f"{_n(r.get('naive_merge_s'))} naive",
             goal="< 2 s",
