@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
@@ -18,8 +19,10 @@ from fleet.models import (
     TelemetryRecord,
     utcnow,
 )
+from protocol.errors import SketchError
+from protocol.sketch import FeatureSketch, SketchWire
 
-__all__ = ["device_detail", "is_online", "list_devices"]
+__all__ = ["device_detail", "is_online", "list_devices", "merged_latency"]
 
 RECENT_EVENTS = 50
 RECENT_COMMANDS = 20
@@ -150,3 +153,42 @@ def device_detail(
         events=[DeviceEventPublic.model_validate(e, from_attributes=True) for e in events],
         commands=[CommandPublic.model_validate(c, from_attributes=True) for c in commands],
     )
+
+
+def merged_latency(
+    session: Session, name: str, version: int | None, since: Any, *, limit: int
+) -> tuple[FeatureSketch | None, int]:
+    """Merge the newest ``limit`` latency sketches of one model version since ``since``.
+
+    Returns the merged sketch (None when there is none) and how many windows went into it;
+    a device's malformed sketch is skipped, never allowed to hide the others.
+    """
+    rows = session.exec(
+        select(TelemetryRecord.window)
+        .where(
+            TelemetryRecord.model_name == name,
+            TelemetryRecord.model_version == version,
+            col(TelemetryRecord.window_end) >= since,
+            col(TelemetryRecord.latency_count) > 0,
+        )
+        .order_by(col(TelemetryRecord.window_end).desc())
+        .limit(limit)
+    ).all()
+    merged: FeatureSketch | None = None
+    used = 0
+    for window in rows:
+        wire = (window or {}).get("latency_ms")
+        if not wire:
+            continue
+        try:
+            sketch = FeatureSketch.from_wire(SketchWire.model_validate(wire))
+        except (SketchError, ValueError):
+            continue
+        if sketch.empty:
+            continue
+        if merged is None:
+            merged = sketch
+        else:
+            merged.merge(sketch)
+        used += 1
+    return merged, used

@@ -15,10 +15,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
+from fleet.inventory import merged_latency
 from fleet.models import TelemetryRecord
 from fleet.settings import FleetSettings
-from protocol.errors import SketchError
-from protocol.sketch import FeatureSketch, SketchWire
 
 __all__ = ["FAST_BURN", "SloStatus", "burn_level", "slo_status"]
 
@@ -79,40 +78,6 @@ def burn_level(burn: float | None) -> str:
     return "burning" if burn > 1.0 else "ok"
 
 
-def _latency(
-    session: Session, name: str, version: int | None, since: datetime
-) -> tuple[FeatureSketch | None, int]:
-    rows = session.exec(
-        select(TelemetryRecord.window)
-        .where(
-            TelemetryRecord.model_name == name,
-            TelemetryRecord.model_version == version,
-            col(TelemetryRecord.window_end) >= since,
-            col(TelemetryRecord.latency_count) > 0,
-        )
-        .order_by(col(TelemetryRecord.window_end).desc())
-        .limit(LATENCY_WINDOWS_MAX)
-    ).all()
-    merged: FeatureSketch | None = None
-    used = 0
-    for window in rows:
-        wire = (window or {}).get("latency_ms")
-        if not wire:
-            continue
-        try:
-            sketch = FeatureSketch.from_wire(SketchWire.model_validate(wire))
-            if sketch.empty:
-                continue
-            if merged is None:
-                merged = sketch
-            else:
-                merged.merge(sketch)
-        except (SketchError, ValueError):
-            continue  # one device's bad sketch must not hide the others
-        used += 1
-    return merged, used
-
-
 def slo_status(session: Session, settings: FleetSettings, now: datetime) -> list[SloStatus]:
     """One status per model version that reported in the SLO window."""
     since = now - timedelta(seconds=settings.slo_window_s)
@@ -130,7 +95,7 @@ def slo_status(session: Session, settings: FleetSettings, now: datetime) -> list
     for name, version, n, e in totals:
         if name is None:
             continue
-        sketch, used = _latency(session, name, version, since)
+        sketch, used = merged_latency(session, name, version, since, limit=LATENCY_WINDOWS_MAX)
         p95 = slow = None
         if sketch is not None:
             p95 = sketch.quantile(LATENCY_QUANTILE)

@@ -18,12 +18,11 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from fleet.inventory import merged_latency
 from fleet.models import TelemetryRecord, utcnow
 from fleet.rollout.machine import RolloutPhase
 from fleet.rollout.table import CommandOutbox, Rollout, RolloutDevice
 from fleet.settings import FleetSettings
-from protocol.errors import SketchError
-from protocol.sketch import FeatureSketch, SketchWire
 
 __all__ = ["RolloutCollector"]
 
@@ -84,7 +83,7 @@ class RolloutCollector(Collector):
                 if n:
                     errors.add_metric(key, e / n)
                     burn.add_metric([*key, "success"], (e / n) / (1.0 - s.slo_success_rate))
-                sketch = self._latency(session, name, version, since)
+                sketch, _ = merged_latency(session, name, version, since, limit=LATENCY_WINDOWS_MAX)
                 if sketch is not None:
                     p95.add_metric(key, sketch.quantile(0.95))
                     slow = 1.0 - sketch.rank(s.slo_latency_p95_ms)
@@ -134,34 +133,3 @@ class RolloutCollector(Collector):
         yield GaugeMetricFamily(
             "edgefleet_command_outbox_unsent", "Commands decided but not yet sent.", value=unsent
         )
-
-    def _latency(
-        self, session: Session, name: str, version: int | None, since: object
-    ) -> FeatureSketch | None:
-        rows = session.exec(
-            select(TelemetryRecord.window)
-            .where(
-                TelemetryRecord.model_name == name,
-                TelemetryRecord.model_version == version,
-                col(TelemetryRecord.window_end) >= since,
-                col(TelemetryRecord.latency_count) > 0,
-            )
-            .order_by(col(TelemetryRecord.window_end).desc())
-            .limit(LATENCY_WINDOWS_MAX)
-        ).all()
-        merged: FeatureSketch | None = None
-        for window in rows:
-            wire = (window or {}).get("latency_ms")
-            if not wire:
-                continue
-            try:
-                sketch = FeatureSketch.from_wire(SketchWire.model_validate(wire))
-            except (SketchError, ValueError):
-                continue
-            if sketch.empty:
-                continue
-            if merged is None:
-                merged = sketch
-            else:
-                merged.merge(sketch)
-        return merged
