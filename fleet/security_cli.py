@@ -139,13 +139,15 @@ def token_create(
 
 
 def _engine(db: str) -> Any:
-    from fleet import audit, auth, enroll, trust_store  # noqa: F401 - register the tables
-    from fleet.db import create_db, make_engine
+    from fleet.db import make_engine, migrate
     from fleet.settings import FleetSettings
 
     url = FleetSettings._database_url_ok(db)  # the same URL rules as `serve`
     engine = make_engine(url)
-    create_db(engine)
+    # The schema's owner is the migration history, here as in `serve`: a database this
+    # command creates first (the first admin token, before the fleet ever ran) must be one
+    # `serve` accepts, with every table of this version.
+    migrate(engine)
     return engine
 
 

@@ -18,6 +18,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,9 @@ def test_model_reaches_devices_and_telemetry_comes_back(
     # A tampered bundle is refused at upload and nothing is stored.
     tampered = tmp_path / "tampered.efb"
     raw = bytearray(bundle.read_bytes())
-    raw[-2000] ^= 0xFF
+    with tarfile.open(bundle) as tar:  # one byte inside the model itself
+        member = tar.getmember("model/model.onnx")
+        raw[member.offset_data + member.size // 2] ^= 0xFF
     tampered.write_bytes(bytes(raw))
     with pytest.raises(FleetClientError) as refused:
         client.upload(tampered)
