@@ -341,8 +341,12 @@ class _Demo:
             "gates": {
                 "min_inferences": 100,
                 "min_quality_samples": 100,
-                # a shared 2-core machine: latency is noisy, so only a gross slowdown counts
-                "max_latency_p95_ratio": 3.0,
+                # Twelve agents (and whatever else runs) share two cores here: one device's
+                # p95 differs from another's by 10x from scheduling alone (a CI run measured a
+                # 12.5x canary/control ratio for two identical models). The latency gate would
+                # judge the host, not the model, so the demo gates on install failures,
+                # errors, accuracy and drift.
+                "max_latency_p95_ratio": None,
                 "max_battery_drain_ratio": None,
             },
         }
