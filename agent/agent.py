@@ -119,6 +119,7 @@ class Agent:
             shadow_source=self.shadow.take_stats,
             extra_source=self._window_extra,
             quality_source=self.quality.take,
+            compress_sketches=config.compress_sketches,
         )
         self.service = InferenceService(self.telemetry, quality=self.quality)
         self.outbox = Outbox(

@@ -70,6 +70,9 @@ def run(
     health_timeout_s: float = typer.Option(
         30.0, help="Seconds to wait for real traffic before probing with golden inputs."
     ),
+    compress_sketches: bool = typer.Option(
+        True, help="zlib the telemetry sketch pack (fewer bytes on the link, more fleet CPU)."
+    ),
     workload: Path | None = typer.Option(
         None, help="Synthetic application: an .npz whose samples are fed to the model."
     ),
@@ -127,6 +130,7 @@ def run(
             health_inferences=health_inferences,
             health_timeout_s=health_timeout_s,
             latency_budget_ms=latency_budget_ms,
+            compress_sketches=compress_sketches,
             tags=tuple(tag),
             api_port=api_port,
             api_socket=api_socket,

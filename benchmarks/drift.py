@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fleet.drift.api import compare, compare_banks
 from fleet.drift.config import DriftConfig
 from fleet.drift.stats import ks_critical_lambda
+from fleet.drift.tiles import bank_from_windows
 from fleet.drift.wire import SketchAccumulator
-from protocol.sketch import FeatureSketch
+from protocol.sketch import FeatureSketch, SketchWire
+from protocol.sketchpack import pack_sketches
 
 ALPHA = 0.01
 CHUNK = 1 << 17
@@ -151,64 +153,88 @@ def power(sizes: list[int], trials: int, rng: np.random.Generator) -> list[dict]
 
 
 def sizes_table(rng: np.random.Generator) -> list[dict]:
+    """Bytes per feature on the wire: the per-feature JSON form and the pack (64 features)."""
     rows = []
     for n in (60, 600, 10_000, 1_000_000):
-        s = sketch(rng, n, _normal)
-        w = s.to_wire()
+        bank = {f"input[{j}]": FeatureSketch.of(rng.standard_normal(n)) for j in range(64)}
+        w = bank["input[0]"].to_wire()
         rows.append(
             {
                 "values": n,
                 "kll_bytes": len(base64.b64decode(w.data)),
                 "wire_json_bytes": len(w.model_dump_json()),
+                "pack_bytes": round(len(pack_sketches(bank, compress=False)) / 64),
+                "pack_zlib_bytes": round(len(pack_sketches(bank)) / 64),
             }
         )
     return rows
 
 
-def fleet_cost(
-    devices: int, features: int, values: int, rng: np.random.Generator, unique: int = 400
-) -> dict:
-    """Merge ``devices`` windows of ``features`` sketches, then test all features."""
-    wires = [
-        [
-            FeatureSketch.of(rng.standard_normal(values, dtype=np.float32)).to_wire()
-            for _ in range(features)
-        ]
-        for _ in range(unique)
-    ]
-    dicts = [[w.model_dump() for w in row] for row in wires]
-    ref = {f"f{j}": sketch(rng, 4096, _normal) for j in range(features)}
+def _window_text(bank: dict[str, FeatureSketch], form: str) -> str:
+    """A telemetry window as the fleet stores it, with its sketches in ``form``."""
+    now = "2026-12-01T00:00:00Z"
+    sketches: dict = {}
+    if form == "json":
+        sketches["input_sketches"] = {f: s.to_wire().model_dump() for f, s in bank.items()}
+    else:
+        sketches["input_pack"] = pack_sketches(bank, compress=form == "pack+zlib")
+    return json.dumps({"kind": "telemetry", "device_id": "d", "seq": 1, "window_start": now,
+                       "window_end": now, "inference_count": 1, **sketches})  # fmt: skip
 
-    # baseline: decode every sketch with the full check, merge one at a time
+
+def _max_rank_error(sketch: FeatureSketch, exact_sorted: np.ndarray) -> float:
+    points = np.quantile(exact_sorted, np.linspace(0.005, 0.995, 199))
+    exact = np.searchsorted(exact_sorted, points, side="right") / exact_sorted.size
+    got = np.asarray([sketch.rank(float(p)) for p in points])
+    return float(np.abs(got - exact).max())
+
+
+def fleet_cost(
+    devices: int, features: int, values: int, rng: np.random.Generator, unique: int = 200
+) -> dict:
+    """Merge ``devices`` stored windows of ``features`` sketches, then test all features.
+
+    Every path starts from the window text as the tiler reads it from the database (the
+    JSON parse counts). Baseline: the library's own way, each sketch decoded (with the
+    layout check) and merged one at a time. Windows repeat every ``unique`` devices (the
+    data generation would take longer than the merge); the rank error of feature 0 is
+    against the exact values of all ``devices`` windows.
+    """
+    raw = [[rng.standard_normal(values, dtype=np.float32) for _ in range(features)]
+           for _ in range(unique)]  # fmt: skip
+    banks = [{f"f{j}": FeatureSketch.of(v[j]) for j in range(features)} for v in raw]
+    exact0 = np.sort(np.concatenate([raw[d % unique][0] for d in range(devices)]))
+    ref = {f"f{j}": sketch(rng, 4096, _normal) for j in range(features)}
+    out: dict = {"devices": devices, "features": features, "values_per_window": values}
+
+    texts = [_window_text(b, "json") for b in banks]
     t0 = time.perf_counter()
     naive = [FeatureSketch() for _ in range(features)]
     for d in range(devices):
-        row = wires[d % unique]
+        wires = json.loads(texts[d % unique])["input_sketches"]
         for j in range(features):
-            naive[j].merge(FeatureSketch.from_wire(row[j]))
-    naive_s = time.perf_counter() - t0
+            naive[j].merge(FeatureSketch.from_wire(SketchWire.model_validate(wires[f"f{j}"])))
+    out["library_one_by_one_s"] = round(time.perf_counter() - t0, 3)
+    out["library_rank_error"] = round(_max_rank_error(naive[0], exact0), 4)
+    del naive
 
-    t0 = time.perf_counter()
-    accs = [SketchAccumulator() for _ in range(features)]
-    for d in range(devices):
-        row_d = dicts[d % unique]
-        for j in range(features):
-            accs[j].add_wire(row_d[j])
-    cur = {f"f{j}": a.sketch() for j, a in enumerate(accs)}
-    merge_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = compare_banks(ref, cur, config=CONFIG)
-    test_s = time.perf_counter() - t0
-    return {
-        "devices": devices,
-        "features": features,
-        "values_per_window": values,
-        "naive_merge_s": round(naive_s, 3),
-        "ours_merge_s": round(merge_s, 3),
-        "ours_test_s": round(test_s, 3),
-        "ours_total_s": round(merge_s + test_s, 3),
-        "tested": report.tested,
-    }
+    for form in ("json", "pack", "pack+zlib"):
+        texts = [_window_text(b, form) for b in banks]
+        t0 = time.perf_counter()
+        bank = bank_from_windows(json.loads(texts[d % unique]) for d in range(devices))
+        merge_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = compare_banks(ref, bank.inputs, config=CONFIG)
+        test_s = time.perf_counter() - t0
+        out[form] = {
+            "merge_s": round(merge_s, 3),
+            "test_s": round(test_s, 3),
+            "total_s": round(merge_s + test_s, 3),
+            "rank_error": round(_max_rank_error(bank.inputs["f0"], exact0), 4),
+            "tested": report.tested,
+            "bytes_per_window": len(texts[0]),
+        }
+    return out
 
 
 def tile_window_cost(tiles: int, features: int, rng: np.random.Generator) -> dict:
@@ -246,6 +272,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer trials (a smoke run)")
     ap.add_argument("--seed", type=int, default=20240607)
+    ap.add_argument(
+        "--only-cost", action="store_true",
+        help="only sizes and fleet merge cost (keeps the stored false-alarm and power tables)",
+    )  # fmt: skip
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     fa_sizes = [1_000, 10_000, 100_000, 1_000_000]
@@ -256,10 +286,15 @@ def main() -> None:
         fa_trials = dict.fromkeys(fa_sizes, 200)
         pw_trials, devices = 200, 10_000
     started = time.perf_counter()
-    print("false alarms...", file=sys.stderr)
-    fa = false_alarms(fa_sizes, fa_trials, rng)
-    print("power...", file=sys.stderr)
-    pw = power([10_000, 200_000], pw_trials, rng)
+    path = Path(__file__).resolve().parent / "results" / "drift.json"
+    if args.only_cost:
+        stored = json.loads(path.read_text())
+        fa, pw = stored["false_alarms"], stored["power"]
+    else:
+        print("false alarms...", file=sys.stderr)
+        fa = false_alarms(fa_sizes, fa_trials, rng)
+        print("power...", file=sys.stderr)
+        pw = power([10_000, 200_000], pw_trials, rng)
     size = sizes_table(rng)
     print("fleet cost...", file=sys.stderr)
     cost = [fleet_cost(devices, 64, v, rng) for v in (60, 600)]
@@ -278,7 +313,6 @@ def main() -> None:
         "fleet_cost": cost,
         "tile_window_cost": tiles,
     }
-    path = Path(__file__).resolve().parent / "results" / "drift.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
 
@@ -287,18 +321,22 @@ def main() -> None:
     print("\n## Power, normal data (goal: >= 95% for +0.1 SD at 200k rows)\n")
     print(md_rates(pw, ["change", "rows", "trials"]))
     print("\n## Size per feature per window (goal <= 3 KB)\n")
-    print("| values | KLL bytes | wire JSON bytes |\n|---|---|---|")
+    print("| values | KLL bytes | JSON form B | pack B | pack+zlib B |\n|---|---|---|---|---|")
     for r in size:
-        print(f"| {r['values']} | {r['kll_bytes']} | {r['wire_json_bytes']} |")
-    print("\n## Fleet merge + test, 64 features (goal < 2 s for 10,000 devices)\n")
+        print(
+            f"| {r['values']} | {r['kll_bytes']} | {r['wire_json_bytes']} | "
+            f"{r['pack_bytes']} | {r['pack_zlib_bytes']} |"
+        )
+    print("\n## Fleet merge + test of stored windows, 64 features (goal < 2 s for 10,000)\n")
     print(
-        "| devices | values/window | one-by-one from_wire+merge s | ours merge s | ours test s "
-        "| ours total s |\n|---|---|---|---|---|---|"
+        "| devices | values/window | library one by one s | JSON form s | pack s "
+        "| pack+zlib s | rank error: library / pack |\n|---|---|---|---|---|---|---|"
     )
     for r in cost:
         print(
-            f"| {r['devices']} | {r['values_per_window']} | {r['naive_merge_s']} | "
-            f"{r['ours_merge_s']} | {r['ours_test_s']} | {r['ours_total_s']} |"
+            f"| {r['devices']} | {r['values_per_window']} | {r['library_one_by_one_s']} | "
+            f"{r['json']['total_s']} | {r['pack']['total_s']} | {r['pack+zlib']['total_s']} | "
+            f"{r['library_rank_error']:.2%} / {r['pack']['rank_error']:.2%} |"
         )
     print(
         f"\nAn hour of 1-minute tiles (60 tiles x 64 features) merged and tested: "

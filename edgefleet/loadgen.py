@@ -70,6 +70,7 @@ from protocol.messages import (
     encode_message,
 )
 from protocol.sketch import FeatureSketch, SketchBank
+from protocol.sketchpack import pack_sketches
 from protocol.topics import Channel, device_topic, parse_topic
 
 __all__ = [
@@ -232,7 +233,7 @@ class WindowTemplate:
             inference_count=rows,
             error_counts={},
             latency_ms=latency.to_wire(),
-            input_sketches=bank.to_wire(),
+            input_pack=pack_sketches(bank.sketches),
             output_class_counts=classes,
             confidence=confidence.to_wire(),
             cpu_temp_c=48.5,

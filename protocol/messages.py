@@ -15,7 +15,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from protocol.errors import MessageDecodeError, MessageTooLargeError, TopicError
 from protocol.limits import (
@@ -25,7 +33,8 @@ from protocol.limits import (
     MAX_MESSAGE_BYTES,
     MAX_TELEMETRY_BYTES,
 )
-from protocol.sketch import SketchWire
+from protocol.sketch import FeatureSketch, SketchWire
+from protocol.sketchpack import MAX_PACK_TEXT, read_pack
 from protocol.topics import validate_device_id
 
 __all__ = [
@@ -316,9 +325,14 @@ class TelemetryWindow(_Wire):
     inference_count: int = Field(ge=0)
     error_counts: dict[Annotated[str, Field(max_length=64)], int] = Field(default_factory=dict)
     latency_ms: SketchWire | None = None
+    #: per-feature input sketches as JSON objects (agents before the pack; still accepted)
     input_sketches: dict[Annotated[str, Field(max_length=128)], SketchWire] = Field(
         default_factory=dict
     )
+    #: the same sketches in one string (`protocol.sketchpack`): what agents send now. Its
+    #: structure is checked where it is read (`sketches()`, the fleet's drift tiler), not
+    #: on every decode: ingest stores the window as received and stays cheap.
+    input_pack: str | None = Field(default=None, max_length=MAX_PACK_TEXT)
     output_class_counts: list[int] = Field(default_factory=list, max_length=4096)
     confidence: SketchWire | None = None
     #: absent means the device has no battery (or cannot read it), never "full"
@@ -344,6 +358,18 @@ class TelemetryWindow(_Wire):
         if len(v) > MAX_FEATURES:
             raise ValueError(f"{len(v)} input sketches; at most {MAX_FEATURES}")
         return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TelemetryWindow:
+        if self.input_sketches and self.input_pack:
+            raise ValueError("input_sketches and input_pack are two forms of one thing; send one")
+        return self
+
+    def sketches(self) -> dict[str, FeatureSketch]:
+        """The input sketches, from whichever form the window carries (raises SketchError)."""
+        if self.input_pack:
+            return read_pack(self.input_pack).sketches()
+        return {name: FeatureSketch.from_wire(w) for name, w in self.input_sketches.items()}
 
 
 class BenchResult(BaseModel):

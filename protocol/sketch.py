@@ -11,6 +11,7 @@ import base64
 import binascii
 import itertools
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from protocol.errors import SketchError
 from protocol.limits import MAX_SKETCH_BYTES
 
-__all__ = ["DEFAULT_K", "FeatureSketch", "SketchBank", "SketchWire"]
+__all__ = ["DEFAULT_K", "FeatureSketch", "SketchBank", "SketchMerger", "SketchWire"]
 
 DEFAULT_K = 200
 _B64_LIMIT = (MAX_SKETCH_BYTES * 4) // 3 + 4
@@ -143,6 +144,21 @@ class FeatureSketch:
             raw = base64.b64decode(wire.data, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise SketchError(f"sketch data is not base64: {exc}") from exc
+        s = cls.from_kll_bytes(raw, k=wire.k, nan_count=wire.nan_count)
+        if s.count != wire.count:
+            raise SketchError(f"sketch holds {s.count} values but says count {wire.count}")
+        return s
+
+    @classmethod
+    def from_kll_bytes(cls, raw: bytes, *, k: int, nan_count: int = 0) -> FeatureSketch:
+        """A sketch from serialized KLL bytes (checked before the C++ library reads them).
+
+        Empty ``raw`` is an empty sketch. Raises SketchError naming what is wrong.
+        """
+        s = cls(k)
+        s.nan_count = nan_count
+        if not raw:
+            return s
         if len(raw) > MAX_SKETCH_BYTES:
             raise SketchError(f"sketch is {len(raw)} bytes; the limit is {MAX_SKETCH_BYTES}")
         _check_kll_layout(raw)
@@ -150,12 +166,14 @@ class FeatureSketch:
             kll = kll_floats_sketch.deserialize(raw)
         except Exception as exc:  # the C++ binding raises several unrelated types
             raise SketchError(f"sketch bytes do not decode as a KLL float sketch: {exc}") from exc
-        if int(kll.n) != wire.count:
-            raise SketchError(f"sketch holds {kll.n} values but says count {wire.count}")
-        if kll.k != wire.k:
-            raise SketchError(f"sketch has k={kll.k} but says k={wire.k}")
+        if kll.k != k:
+            raise SketchError(f"sketch has k={kll.k} but says k={k}")
         s._kll = kll
         return s
+
+    def kll_bytes(self) -> bytes:
+        """The serialized KLL sketch; empty bytes for an empty sketch."""
+        return b"" if self.empty else bytes(self._kll.serialize())
 
     def __repr__(self) -> str:
         return f"FeatureSketch(k={self.k}, count={self.count}, nan_count={self.nan_count})"
@@ -286,3 +304,319 @@ def _check_kll_layout(raw: bytes) -> None:
 
 def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
+
+
+_KLL_FAMILY = 15
+_FLAG_EMPTY = 1
+_FLAG_SINGLE = 4
+#: bytes 8..20 of a full KLL sketch: n (u64), min_k (u16), num_levels (u8), unused
+_KLL_HEAD = struct.Struct("<QHBx")
+#: 4-byte words before a full sketch's level offsets; levels read in one vectorised pass
+_HEAD_WORDS = 5
+_MANY_LEVELS = 12
+
+
+class SketchMerger:
+    """Merges many KLL sketches of one feature at once, in numpy.
+
+    Merging sketch by sketch through the C++ library costs a deserialization and a merge
+    call per sketch (tens of microseconds with the layout check); a fleet merges hundreds of
+    thousands of small device sketches per tile. This reads each sketch's levels straight
+    from its bytes (no device byte reaches the C++ library), pools the items by weight, and
+    builds the merged sketch in one pass:
+
+    level by level from the lightest, the pool of weight-2^h items (the sketches' own
+    level-h items plus what the level below promoted) is sorted; while the total weight
+    needs more than ``k`` items at the top, an odd item stays at level h and the rest is
+    compacted (every other item, random offset) into level h+1. A compaction of a sorted
+    run at weight w moves any rank by at most w, so the result's rank error (beyond the
+    inputs' own) is below 2^H / n < 2/k (1% at k=200), about what one KLL update path has
+    (1.33% at 99% confidence), for a sort per level instead of a merge per sketch.
+
+    Already decoded sketches (stored tiles) are merged with the library (`add_sketch`).
+    """
+
+    __slots__ = ("_base", "_hi", "_levels", "_lo", "k", "nan_count", "sketches")
+
+    def __init__(self, k: int = DEFAULT_K) -> None:
+        self.k = k
+        self._levels: dict[int, list[np.ndarray]] = {}
+        self._lo = math.inf
+        self._hi = -math.inf
+        self._base: FeatureSketch | None = None
+        self.nan_count = 0
+        #: sketches added (of any kind)
+        self.sketches = 0
+
+    # -- input ---------------------------------------------------------------------------
+    def add_values(self, values: np.ndarray, *, lo: float | None = None,
+                   hi: float | None = None) -> None:  # fmt: skip
+        """Raw values (weight 1). ``lo``/``hi``: their exact min/max when already known."""
+        arr = np.asarray(values, dtype=np.float32).ravel()
+        if arr.size:
+            self._levels.setdefault(0, []).append(arr)
+            if lo is None or hi is None:
+                lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            self._bounds(lo, hi)
+
+    def add_level(self, height: int, items: np.ndarray) -> None:
+        """Items that each stand for 2^height values (min/max are the caller's business)."""
+        if items.size:
+            self._levels.setdefault(height, []).append(items)
+
+    def add_bounds(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Exact minima and maxima of sketches whose items came through `add_level`."""
+        lo = lo[np.isfinite(lo)]
+        hi = hi[np.isfinite(hi)]
+        if lo.size:
+            self._lo = min(self._lo, float(lo.min()))
+        if hi.size:
+            self._hi = max(self._hi, float(hi.max()))
+
+    def _bounds(self, lo: float, hi: float) -> None:
+        if math.isfinite(lo) and lo < self._lo:
+            self._lo = lo
+        if math.isfinite(hi) and hi > self._hi:
+            self._hi = hi
+
+    def add_kll_bytes(self, raw: bytes | memoryview, *, nan_count: int = 0) -> None:
+        """One serialized KLL float sketch (device bytes: every length is checked)."""
+        m = len(raw)
+        if m == 0:
+            self.sketches += 1
+            self.nan_count += nan_count
+            return
+        if m > MAX_SKETCH_BYTES:
+            raise SketchError(f"sketch is {m} bytes; the limit is {MAX_SKETCH_BYTES}")
+        if m < 8 or raw[2] != _KLL_FAMILY or raw[6] != 8:
+            raise SketchError("sketch bytes are not a KLL float sketch (bad preamble)")
+        k = raw[4] | (raw[5] << 8)
+        if k != self.k:
+            raise SketchError(f"a k={k} sketch cannot merge into a k={self.k} one")
+        flags = raw[3]
+        if flags & _FLAG_EMPTY:
+            if m != 8:
+                raise SketchError("empty KLL sketch has a bad length")
+        elif flags & _FLAG_SINGLE:
+            if m != 12:
+                raise SketchError("single-item KLL sketch has a bad length")
+            item = np.frombuffer(raw, dtype="<f4", count=1, offset=8)
+            self.add_values(item)
+        else:
+            self._add_full(raw, m)
+        self.sketches += 1
+        self.nan_count += nan_count
+
+    def _add_full(self, raw: bytes | memoryview, m: int) -> None:
+        if raw[0] != 5 or m < 32:
+            raise SketchError("KLL sketch has a bad preamble length")
+        n, _min_k, num_levels = _KLL_HEAD.unpack_from(raw, 8)
+        if not 1 <= num_levels <= 61 or n == 0:
+            raise SketchError("KLL sketch header is inconsistent")
+        head = 20 + 4 * num_levels
+        n_items, rest = divmod(m - head - 8, 4)
+        if rest or n_items <= 0:
+            raise SketchError("KLL sketch length is not a whole number of items")
+        lo, hi = (float(x) for x in np.frombuffer(raw, dtype="<f4", count=2, offset=head))
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+            raise SketchError("KLL sketch has non-finite or crossed min and max")
+        items = np.frombuffer(raw, dtype="<f4", count=n_items, offset=head + 8)
+        if num_levels == 1:
+            if n_items != n:
+                raise SketchError(f"KLL sketch holds {n_items} items but says {n} values")
+            self._levels.setdefault(0, []).append(items)
+        else:
+            offsets = np.frombuffer(raw, dtype="<u4", count=num_levels, offset=20)
+            bounds = np.append(offsets.astype(np.int64) - int(offsets[0]), n_items)
+            sizes = np.diff(bounds)
+            if np.any(sizes < 0):
+                raise SketchError("KLL sketch level offsets are inconsistent")
+            if sum(int(s) << h for h, s in enumerate(sizes.tolist())) != n:
+                raise SketchError(f"KLL sketch levels do not weigh its {n} values")
+            for h in range(num_levels):
+                if sizes[h]:
+                    self._levels.setdefault(h, []).append(items[bounds[h] : bounds[h + 1]])
+        self._bounds(lo, hi)
+
+    def add_kll_many(self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> int:
+        """Many serialized sketches lying in one byte buffer (``buf``: uint8, whole words).
+
+        ``starts`` and ``lengths`` are byte offsets and sizes, multiples of 4 (a KLL float
+        sketch is whole 4-byte words); 0 bytes is an empty sketch. Full sketches of up to
+        `_MANY_LEVELS` levels (every device window) are read with a few vectorised
+        operations for all of them at once; single-item and odd ones go one by one
+        through `add_kll_bytes`. Returns how many were unusable (skipped, not merged).
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if starts.size == 0:
+            return 0
+        if buf.size % 4 or np.any(starts % 4) or np.any(lengths % 4):
+            raise SketchError("sketch offsets and sizes must be whole 4-byte words")
+        if np.any(starts < 0) or np.any(lengths < 0) or int((starts + lengths).max()) > buf.size:
+            raise SketchError("sketch offsets lie outside their buffer")
+        words = buf.view("<u4")
+        present = lengths > 0
+        self.sketches += int(np.count_nonzero(~present))  # empty sketches
+        done = np.zeros_like(present)
+        full = np.flatnonzero(lengths >= 4 * (_HEAD_WORDS + _MANY_LEVELS))
+        if full.size:
+            ok = self._add_full_many(words, starts[full] // 4, lengths[full] // 4)
+            done[full[ok]] = True
+        bad = 0
+        for i in np.flatnonzero(present & ~done).tolist():
+            start, length = int(starts[i]), int(lengths[i])
+            try:
+                self.add_kll_bytes(buf[start : start + length].tobytes())
+            except SketchError:
+                bad += 1
+        return bad
+
+    def _add_full_many(self, words: np.ndarray, at: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Vectorised `_add_full` for sketches at word offsets ``at`` (``size`` words each).
+
+        Returns which ones were taken; the others (a different layout, or inconsistent)
+        are left for the one-by-one path, which accepts them or says what is wrong.
+        """
+        head = words[at[:, None] + np.arange(_HEAD_WORDS + _MANY_LEVELS)]
+        w0 = head[:, 0]
+        pre, fam, flags = w0 & 0xFF, (w0 >> 16) & 0xFF, w0 >> 24
+        k, m = head[:, 1] & 0xFFFF, (head[:, 1] >> 16) & 0xFF
+        n = head[:, 2].astype(np.int64) | (head[:, 3].astype(np.int64) << 32)
+        levels = ((head[:, 4] >> 16) & 0xFF).astype(np.int64)
+        ok: np.ndarray = (
+            (pre == 5) & (fam == _KLL_FAMILY) & (m == 8) & (k == self.k) & (n > 0)
+            & ((flags & (_FLAG_EMPTY | _FLAG_SINGLE)) == 0)
+            & (levels >= 1) & (levels <= _MANY_LEVELS) & (head[:, 3] >> 31 == 0)
+        )  # fmt: skip
+        n_items = size - (_HEAD_WORDS + 2) - levels
+        ok &= n_items > 0
+        # level offsets (relative to level 0), then the item count closes the last level
+        cols = np.arange(_MANY_LEVELS + 1)
+        offs = head[:, _HEAD_WORDS : _HEAD_WORDS + _MANY_LEVELS].astype(np.int64)
+        offs = np.concatenate([offs, np.zeros((offs.shape[0], 1), np.int64)], axis=1)
+        offs -= offs[:, :1]
+        offs = np.where(cols < levels[:, None], offs, n_items[:, None])
+        sizes = np.diff(offs, axis=1)
+        ok &= (sizes >= 0).all(axis=1)
+        ok &= (sizes << np.arange(_MANY_LEVELS)).sum(axis=1) == n
+        if not ok.any():
+            return ok
+        at, levels, n_items, sizes = at[ok], levels[ok], n_items[ok], sizes[ok]
+        first = at + _HEAD_WORDS + levels  # min and max, then the items
+        bounds = words[np.stack([first, first + 1], axis=1)].view("<f4")
+        good = np.isfinite(bounds).all(axis=1) & (bounds[:, 0] <= bounds[:, 1])
+        if not good.all():
+            ok[np.flatnonzero(ok)[~good]] = False
+            at, n_items, sizes, bounds = at[good], n_items[good], sizes[good], bounds[good]
+            first = first[good]
+        total = int(n_items.sum())
+        # word index of every item: start of its run plus its place in the run
+        run_at = np.repeat(first + 2 - (np.cumsum(n_items) - n_items), n_items)
+        values = words[run_at + np.arange(total)].view("<f4")
+        if sizes[:, 1:].any():
+            height = np.repeat(np.tile(np.arange(_MANY_LEVELS), len(sizes)), sizes.ravel())
+            for h in np.unique(height).tolist():
+                self.add_level(h, values[height == h])
+        else:
+            self.add_level(0, values)
+        self.add_bounds(bounds[:, 0].astype(np.float64), bounds[:, 1].astype(np.float64))
+        self.sketches += len(at)
+        return ok
+
+    def add_sketch(self, sketch: FeatureSketch) -> None:
+        """An already decoded sketch (merged with the library; carries its NaN count)."""
+        if sketch.k != self.k:
+            raise SketchError(f"a k={sketch.k} sketch cannot merge into a k={self.k} one")
+        if self._base is None:
+            self._base = FeatureSketch(self.k)
+        self._base.merge(sketch)
+        self.sketches += 1
+
+    def absorb(self, other: SketchMerger) -> None:
+        """Take everything ``other`` collected (it is left as it was; its arrays shared)."""
+        if other.k != self.k:
+            raise SketchError(f"a k={other.k} merger cannot join a k={self.k} one")
+        for h, parts in other._levels.items():
+            self._levels.setdefault(h, []).extend(parts)
+        self._bounds(other._lo, other._hi)
+        if other._base is not None:
+            if self._base is None:
+                self._base = FeatureSketch(self.k)
+            self._base.merge(other._base)
+        self.nan_count += other.nan_count
+        self.sketches += other.sketches
+
+    # -- output --------------------------------------------------------------------------
+    def result(self, rng: np.random.Generator | None = None) -> FeatureSketch:
+        """The merged sketch. Non-finite items (malformed input) are counted as NaN."""
+        rng = rng or np.random.default_rng()
+        pools: dict[int, np.ndarray] = {}
+        n = 0
+        nan = self.nan_count
+        for h, parts in self._levels.items():
+            arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            finite = np.isfinite(arr)
+            if not finite.all():
+                nan += int(arr.size - np.count_nonzero(finite)) << h
+                arr = arr[finite]
+            if arr.size:
+                pools[h] = arr
+                n += int(arr.size) << h
+        out = FeatureSketch(self.k)
+        if n:
+            lo = min(self._lo, *(float(p.min()) for p in pools.values()))
+            hi = max(self._hi, *(float(p.max()) for p in pools.values()))
+            out = FeatureSketch.from_kll_bytes(
+                _compact_to_kll(pools, n, lo, hi, self.k, rng), k=self.k
+            )
+        if self._base is not None:
+            out.merge(self._base)
+        out.nan_count = nan + (self._base.nan_count if self._base is not None else 0)
+        return out
+
+
+def _compact_to_kll(
+    pools: dict[int, np.ndarray], n: int, lo: float, hi: float, k: int,
+    rng: np.random.Generator,
+) -> bytes:  # fmt: skip
+    """Serialized KLL float sketch of ``n`` values given as items pooled by weight 2^h."""
+    if n == 1:
+        item = next(iter(pools.values()))
+        return struct.pack("<BBBBHBBf", 2, 2, _KLL_FAMILY, _FLAG_SINGLE, k, 8, 0, float(item[0]))
+    # the top level holds at most n / 2^top items: the smallest top that fits k of them,
+    # but never below the heaviest input level
+    top = max(pools)
+    while n > (k << top):
+        top += 1
+    levels: list[np.ndarray] = []
+    carry = np.empty(0, dtype=np.float32)
+    for h in range(top + 1):
+        own = pools.get(h)
+        if own is None:
+            pool = carry  # already sorted: it is every other item of a sorted run
+        elif carry.size:
+            pool = np.sort(np.concatenate((own, carry)))
+        else:
+            pool = np.sort(own)
+        if h == top:
+            levels.append(pool)
+            break
+        if pool.size % 2:
+            j = int(rng.integers(pool.size))
+            levels.append(pool[j : j + 1])
+            pool = np.delete(pool, j)
+        else:
+            levels.append(pool[:0])
+        carry = pool[int(rng.integers(2)) :: 2]
+    num_levels = len(levels)
+    sizes = [int(x.size) for x in levels]
+    capacity = sum(_level_capacity(k, 8, num_levels, h) for h in range(num_levels))
+    free = capacity - sum(sizes)
+    if free < 0 or sizes[-1] > k:  # cannot happen by construction; refuse rather than corrupt
+        raise SketchError(f"merged sketch does not fit its levels ({sizes}, capacity {capacity})")
+    offsets = np.cumsum([free, *sizes[:-1]], dtype=np.int64).astype("<u4")
+    head = struct.pack("<BBBBHBBQHBx", 5, 1, _KLL_FAMILY, 0, k, 8, 0, n, k, num_levels)
+    bounds = np.asarray([lo, hi], dtype="<f4")
+    items = np.concatenate(levels).astype("<f4", copy=False)
+    return b"".join((head, offsets.tobytes(), bounds.tobytes(), items.tobytes()))

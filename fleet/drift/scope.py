@@ -127,13 +127,10 @@ def _union(builders: Collection[_Builder]) -> Bank:
     out = _Builder()
     for b in builders:
         for feature, acc in b.accs.items():
-            mine = out.accs.setdefault(feature, type(acc)(k=acc.k))
-            mine.raw.extend(acc.raw)
-            if acc.base is not None:
-                mine.add_sketch(acc.base)
-                mine.windows -= 1
-            mine.nan_count += acc.nan_count
-            mine.windows += acc.windows
+            out.accs.setdefault(feature, type(acc)(k=acc.k)).absorb(acc)
+        out.packs.packs.extend(b.packs.packs)
+        out.packs.rejected += b.packs.rejected
+        out.rejected += b.rejected
         if b.classes is not None:
             out.add_classes(b.classes)
         out.windows += b.windows

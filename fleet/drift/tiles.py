@@ -26,7 +26,7 @@ import numpy as np
 from sqlmodel import Session, col, select
 
 from fleet.drift.models import CLASSES_FEATURE, CONFIDENCE_FEATURE, DriftCursor, DriftTile
-from fleet.drift.wire import SketchAccumulator
+from fleet.drift.wire import PackBatch, SketchAccumulator
 from fleet.models import TelemetryRecord, utcnow
 from protocol.errors import SketchError
 from protocol.sketch import FeatureSketch, SketchWire
@@ -63,12 +63,15 @@ class _Builder:
     """Accumulates windows of one scope before one merge per feature."""
 
     accs: dict[str, SketchAccumulator] = field(default_factory=dict)
+    packs: PackBatch = field(default_factory=PackBatch)
     classes: np.ndarray | None = None
     windows: int = 0
     rejected: int = 0
 
     def add_window(self, window: dict[str, Any]) -> None:
         self.windows += 1
+        if window.get("input_pack"):
+            self.packs.add(window["input_pack"])
         sketches = dict(window.get("input_sketches") or {})
         if window.get("confidence"):
             sketches[CONFIDENCE_FEATURE] = window["confidence"]
@@ -91,7 +94,14 @@ class _Builder:
             self.classes = np.pad(self.classes, (0, arr.size - self.classes.size))
         self.classes[: arr.size] += arr
 
+    def merge_packs(self) -> None:
+        """Fold the collected packs into the accumulators (one vectorised pass)."""
+        self.rejected += self.packs.rejected
+        self.packs.rejected = 0
+        self.rejected += self.packs.merge_into(self.accs)
+
     def bank(self) -> Bank:
+        self.merge_packs()
         return Bank(
             sketches={k: a.sketch() for k, a in self.accs.items() if a.windows},
             classes=self.classes,
@@ -158,6 +168,7 @@ def tile_new_telemetry(
         groups[(name, int(version), bucket_of(t, tile_s))].add_window(window)
     written = rejected = 0
     for (name, version, bucket), builder in groups.items():
+        builder.merge_packs()
         rejected += builder.rejected
         written += _write_tiles(session, name, version, bucket, tile_s, builder, now)
     if rows:

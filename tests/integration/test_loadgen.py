@@ -35,7 +35,7 @@ def test_template_renders_valid_windows() -> None:
     )  # fmt: skip
     msg = decode_message(raw, expect=TelemetryWindow)
     assert (msg.device_id, msg.seq, msg.stream_id, msg.model_version) == ("dev-7", 3, "s1", 2)
-    assert msg.bundle_sha256 == SHA and len(msg.input_sketches) == 8
+    assert msg.bundle_sha256 == SHA and len(msg.sketches()) == 8
     assert msg.inference_count == 30 and msg.latency_ms is not None
     assert msg.latency_ms.count == 30
     assert (msg.window_end - msg.window_start).total_seconds() == 2.0

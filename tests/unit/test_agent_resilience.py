@@ -213,6 +213,9 @@ def test_merge_window_payloads_adds_counts_and_merges_sketches(rig: Rig) -> None
     assert merged.latency_ms is not None
     assert sum(merged.output_class_counts) == merged.inference_count
     assert merged.window_start == wa.window_start and merged.window_end == wb.window_end
+    ia, ib, im = wa.sketches(), wb.sketches(), merged.sketches()
+    assert im and set(im) == set(ia) == set(ib)
+    assert all(im[f].count == ia[f].count + ib[f].count for f in im)
 
 
 def test_outbox_merges_instead_of_dropping_when_full(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from protocol.bundle import BundleReader
 from protocol.messages import TelemetryWindow, decode_message, encode_message
 from protocol.signing import generate_signing_key
 from protocol.sketch import FeatureSketch
+from protocol.sketchpack import read_pack
 from protocol.trust import TrustRoot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,14 +95,16 @@ def test_window_sketches_count_every_inference(
     assert back.seq == 7 and back.inference_count == n
     assert back.bundle_sha256 == model.bundle_sha256 and back.model_version == 1
     assert back.latency_ms is not None and back.latency_ms.count == n
-    assert len(back.input_sketches) == 64  # the baseline's direct features of an 8x8 image
-    assert {s.count for s in back.input_sketches.values()} == {n}
+    inputs = back.sketches()
+    assert back.input_sketches == {} and back.input_pack  # the packed form
+    assert len(inputs) == 64  # the baseline's direct features of an 8x8 image
+    assert {s.count for s in inputs.values()} == {n}
     assert sum(back.output_class_counts) == n and len(back.output_class_counts) == 10
     assert back.confidence is not None and back.confidence.count == n
     conf = FeatureSketch.from_wire(back.confidence)
     assert 0.0 < conf.quantile(0.5) <= 1.0
     # Feature sketches describe what was fed in: pixel 27 (centre) of these samples.
-    centre = FeatureSketch.from_wire(back.input_sketches["input[27]"])
+    centre = inputs["input[27]"]
     assert centre.max == pytest.approx(float(heldout[:n, 0, 3, 3].max()))
     assert back.battery is None
     assert back.cpu_temp_c == pytest.approx(48.5)
@@ -120,7 +123,8 @@ def test_batched_predict_counts_rows(
     [w] = rec.flush_all()
     assert w.inference_count == 40
     assert sum(w.output_class_counts) == 40
-    assert {s.count for s in w.input_sketches.values()} == {40}
+    assert w.input_pack is not None
+    assert {s.count for s in read_pack(w.input_pack).sketches().values()} == {40}
     assert w.latency_ms is not None and w.latency_ms.count == 2  # one latency per call
 
 

@@ -18,7 +18,7 @@ from fleet.drift.stats import (
     ks_critical_lambda,
     sketch_eps,
 )
-from fleet.drift.wire import SketchAccumulator, decode_raw_values
+from fleet.drift.wire import SketchAccumulator
 from protocol.errors import SketchError
 from protocol.sketch import FeatureSketch
 
@@ -184,30 +184,33 @@ def test_alert_needs_consecutive_windows_and_ignores_unknown() -> None:
     assert t is None  # the streak restarted
 
 
-def test_wire_decoding_small_and_compacted_sketches() -> None:
+def test_accumulator_merges_small_and_compacted_sketches() -> None:
     rng = np.random.default_rng(4)
-    for n in (1, 60, 200, 3000):
-        v = rng.normal(size=n).astype(np.float32)
-        got = decode_raw_values(FeatureSketch.of(v).to_wire().model_dump())
-        assert got is not None and got.size == n
-        if n <= 200:
-            assert np.array_equal(np.sort(got), np.sort(v))
     acc = SketchAccumulator()
-    for _ in range(5):
-        assert acc.add_wire(FeatureSketch.of(rng.normal(size=500)).to_wire().model_dump())
-    assert acc.sketch().count == 2500
+    values = []
+    for n in (1, 60, 200, 3000, 500, 500):
+        v = rng.normal(size=n).astype(np.float32)
+        values.append(v)
+        assert acc.add_wire(FeatureSketch.of(v).to_wire().model_dump())
+    merged = acc.sketch()
+    allv = np.sort(np.concatenate(values))
+    assert merged.count == allv.size and acc.windows == 6
+    assert merged.min == allv[0] and merged.max == allv[-1]
+    for q in (-1.0, 0.0, 0.5, 1.5):
+        exact = np.searchsorted(allv, q, side="right") / allv.size
+        assert abs(merged.rank(q) - exact) < 0.02
 
 
-def test_wire_decoding_rejects_lies() -> None:
+def test_accumulator_rejects_lies() -> None:
     wire = FeatureSketch.of(np.arange(50.0)).to_wire().model_dump()
     raw = bytearray(base64.b64decode(wire["data"]))
-    with pytest.raises(SketchError):
-        decode_raw_values({**wire, "count": 49})
-    with pytest.raises(SketchError):
-        decode_raw_values({**wire, "data": base64.b64encode(bytes(raw[:-4])).decode()})
-    raw[40:44] = np.float32(np.nan).tobytes()
-    with pytest.raises(SketchError):
-        decode_raw_values({**wire, "data": base64.b64encode(bytes(raw)).decode()})
     acc = SketchAccumulator()
+    assert not acc.add_wire({**wire, "count": 49})  # says 49, holds 50
+    assert not acc.add_wire({**wire, "data": base64.b64encode(bytes(raw[:-4])).decode()})
     assert not acc.add_wire({**wire, "data": "!!"})
-    assert acc.rejected == 1
+    assert not acc.add_wire({**wire, "k": 100})
+    assert acc.rejected == 4 and acc.windows == 0
+    raw[40:44] = np.float32(np.nan).tobytes()  # a NaN item is counted as NaN, not sketched
+    assert acc.add_wire({**wire, "data": base64.b64encode(bytes(raw)).decode()})
+    merged = acc.sketch()
+    assert merged.count == 49 and merged.nan_count == 1
