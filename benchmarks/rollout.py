@@ -212,6 +212,7 @@ def one_round(work: Path, devices: int, db_url: str | None, variant: str) -> dic
                         state=InstallState.COMMITTED,
                         bundle_sha256=sha,
                         active_bundle_sha256=sha,
+                        sent_at=clock.now,  # the gates read device time, as the telemetry
                     )
                     for c in stage0
                 ],

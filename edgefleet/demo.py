@@ -330,6 +330,34 @@ class _Demo:
             time.sleep(1.0)
         raise DemoError(f"rollout {label} did not finish within {timeout_s:.0f}s")
 
+    def gate_record(self, rid: str) -> list[dict[str, Any]]:
+        """Each judged stage of a rollout: its outcome and every gate's figures."""
+        out = []
+        for d in self.api.call("GET", f"/api/v1/rollouts/{rid}/decisions"):
+            figures = d.get("figures") or {}
+            if not figures.get("gates"):
+                continue
+            out.append(
+                {
+                    "stage": d["stage"],
+                    "outcome": d["outcome"],
+                    "reason": _short(d["reason"], 300),
+                    "cohorts": {
+                        side: {
+                            k: (figures.get(side) or {}).get(k)
+                            for k in ("devices", "inferences", "latency_p95_ms", "cold_windows")
+                        }
+                        for side in ("canary", "control")
+                    },
+                    "gates": {
+                        g["name"]: {k: g.get(k) for k in ("status", "canary", "control", "limit")}
+                        for g in figures["gates"]
+                        if g.get("status") != "off"
+                    },
+                }
+            )
+        return sorted(out, key=lambda r: r["stage"])
+
     def rollout(self, built: _Built, stages: list[dict[str, Any]]) -> str:
         body = {
             "bundle_sha256": built.sha256,
@@ -341,11 +369,14 @@ class _Demo:
             "gates": {
                 "min_inferences": 100,
                 "min_quality_samples": 100,
-                # Twelve agents (and whatever else runs) share two cores here: one device's
-                # p95 differs from another's by 10x from scheduling alone (a CI run measured a
-                # 12.5x canary/control ratio for two identical models). The latency gate would
-                # judge the host, not the model, so the demo gates on install failures,
-                # errors, accuracy and drift.
+                # No latency gate here. The gates no longer read cold starts (each device's
+                # switch window and the `warmup_s` after its commit are skipped), but twelve
+                # agents share two cores: on warm windows alone, two devices against two
+                # others running the same model over a 12 s bake differed by more than the
+                # 1.25 p95 ratio in 23-37 % of comparisons (3x for x86 and rpi5, up to 35x for
+                # the simulated Jetsons, whose 4 inference threads wait on a descheduled
+                # sibling). That would judge the host, not the model (docs/scaling.md), so
+                # the demo gates on install failures, errors, accuracy and drift.
                 "max_latency_p95_ratio": None,
                 "max_battery_drain_ratio": None,
             },
@@ -475,6 +506,7 @@ class _Demo:
         ids = {p: self.rollout(self.bundles[(p, 2)], stages) for p in PROFILES}
         results = {p: self.follow_rollout(rid, f"v2 {SHORT[p]}") for p, rid in ids.items()}
         self.summary["v2_rollouts"] = {SHORT[p]: r["phase"] for p, r in results.items()}
+        self.summary["v2_gates"] = {SHORT[p]: self.gate_record(rid) for p, rid in ids.items()}
         self.wait_versions({d: 2 for d in self.devices}, "every device to run v2", 90)
         console.print("  v2 runs everywhere")
 
@@ -484,6 +516,7 @@ class _Demo:
         rid = self.rollout(self.bundles[("x86-cpu", 3)], stages)
         r = self.follow_rollout(rid, "v3 x86", timeout_s=300)
         self.summary["v3_rollout"] = r["phase"]
+        self.summary["v3_gates"] = self.gate_record(rid)
         x86 = {d: 2 for d, p in self.devices.items() if p == "x86-cpu"}
         self.wait_versions(x86, "the x86 devices to be back on v2", 120)
         console.print(f"  rollout {r['phase']}: every x86 device is back on v2")
@@ -586,8 +619,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     console.rule("[bold]summary")
     table = Table(show_header=False)
     for k, v in summary.items():
-        if k != "token":
-            table.add_row(k, str(v))
+        if k == "token":
+            continue
+        # each stage's gate figures are long: summary.json holds them
+        table.add_row(k, "see summary.json" if k.endswith("_gates") else str(v))
     console.print(table)
     return summary
 

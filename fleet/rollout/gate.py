@@ -51,6 +51,9 @@ class CohortStats:
     battery_drain_pct_per_h: float | None = None
     #: custom metric -> mean over devices of the per-device mean
     custom: Mapping[str, float] = field(default_factory=dict)
+    #: windows left out as warm-up: over or just after a model load (cold starts), or in the
+    #: bake's first ``warmup_s`` (fleet.rollout.warmup)
+    cold_windows: int = 0
 
     @property
     def error_rate(self) -> float | None:
@@ -71,6 +74,7 @@ class CohortStats:
             latency_p95_ms=d.get("latency_p95_ms"),
             battery_drain_pct_per_h=d.get("battery_drain_pct_per_h"),
             custom=dict(d.get("custom") or {}),
+            cold_windows=int(d.get("cold_windows", 0)),
         )
 
 

@@ -331,16 +331,19 @@ class RolloutRunner:
             (d for d in state.devices.values() if d.phase is DevicePhase.PLANNED),
             key=lambda d: d.position,
         )
-        control = tuple(d.device_id for d in planned[-CONTROL_SAMPLE_MAX:])
+        sample = planned[-CONTROL_SAMPLE_MAX:]
         assert state.bake_started_at is not None
+        gates = state.plan.gates_for(state.stage)
         query = CohortQuery(
             bundle_sha256=state.bundle_sha256,
             canary_device_ids=canary,
-            control_device_ids=control,
+            control_device_ids=tuple(d.device_id for d in sample),
             since=state.bake_started_at,
             until=now,
+            warmup_s=gates.warmup_s,
+            control_bundles={d.device_id: d.previous_sha256 for d in sample if d.previous_sha256},
         )
-        custom = [g.metric for g in state.plan.gates_for(state.stage).custom]
+        custom = [g.metric for g in gates.custom]
         canary_stats, control_stats, canary_rows = canary_and_control(session, query, custom)
         return StageMetrics(
             stage=state.stage,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 __all__ = [
     "DEFAULT_STAGE_PERCENTS",
+    "DEFAULT_WARMUP_S",
     "CustomGate",
     "GateConfig",
     "RolloutCreate",
@@ -20,6 +21,7 @@ __all__ = [
 ]
 
 DEFAULT_STAGE_PERCENTS = (1.0, 10.0, 50.0, 100.0)
+DEFAULT_WARMUP_S = 5.0
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
@@ -63,6 +65,13 @@ class GateConfig(_Frozen):
     max_error_rate_increase: float | None = Field(default=0.01, ge=0.0, le=1.0)
     #: canary p95 latency / control p95 latency
     max_latency_p95_ratio: float | None = Field(default=1.25, gt=0.0)
+    #: a device's telemetry counts only from this long after its last model load ended:
+    #: its switch window (up to the commit, the health check's cold inferences included) and
+    #: the window after an agent restart are never evidence, whatever this is; the warm-up
+    #: skips the windows that begin within it too, and (for both cohorts, so they cover the
+    #: same time) those that begin within it of the bake's start. Applies to every cohort
+    #: figure (latency, errors, inferences, battery, custom), canary and control alike
+    warmup_s: float = Field(default=DEFAULT_WARMUP_S, ge=0.0, le=3600.0)
     #: input drift score of canary vs control (from `fleet.drift`, when it is there)
     max_drift_score: float | None = Field(default=0.25, ge=0.0)
     #: share of shadow predictions that agree with the active model (shadow stages only)

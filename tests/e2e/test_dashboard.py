@@ -292,9 +292,9 @@ def test_rollout_advances_on_screen_and_is_rolled_back_from_it(
         "bundle_sha256": world.v2,
         "target": {"device_ids": [a, b]},
         "stages": [{"percent": 50, "bake_s": 2}, {"percent": 100, "bake_s": 2}],
-        # no latency gate: on a shared 2-core CI host the window in which a device switched
-        # holds cold-start inferences, and a canary/control p95 ratio of 12x was measured
-        # for two identical models (the gate's cold-start blind spot, docs/scaling.md)
+        # no latency gate: the gates skip cold starts now, but one canary against one control
+        # on a shared CI host is host scheduling noise (warm p95s of one model differ by 3x
+        # and more from device to device there; docs/scaling.md), not a model's latency
         "gates": {"min_inferences": 10, "max_latency_p95_ratio": None,
                   "max_drift_score": None, "max_battery_drain_ratio": None},
         "seed": 7,

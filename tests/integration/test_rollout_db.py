@@ -137,18 +137,20 @@ class World:
                 state=state,
                 bundle_sha256=getattr(command, "bundle_sha256", None),
                 active_bundle_sha256=active,
+                # the simulated devices' clock is the test's (gates compare it with windows)
+                sent_at=kw.pop("sent_at", self.now),
                 **kw,
             )
         )
 
     def telemetry(self, device_id: str, bundle: str, seq: int, *, n: int = 100, errors: int = 0,
-                  latency_ms: float = 5.0) -> None:  # fmt: skip
+                  latency_ms: float = 5.0, window_s: float = 10.0) -> None:  # fmt: skip
         self.ingest(
             TelemetryWindow(
                 device_id=device_id,
                 seq=seq,
                 stream_id="s",
-                window_start=self.now - timedelta(seconds=10),
+                window_start=self.now - timedelta(seconds=window_s),
                 window_end=self.now,
                 bundle_sha256=bundle,
                 model_name="digits",
@@ -305,13 +307,15 @@ def test_failing_gate_rolls_back_every_device_that_took_it(world: World) -> None
     assert len(canary) == 3
     answer_all(w)
     r.tick()
-    # canary is twice as slow as the control cohort still on the old bundle
+    # canary is twice as slow as the control cohort still on the old bundle, well after its
+    # commit (the gates skip what a device reports while its new model warms up)
+    w.now += timedelta(seconds=30)
     for d in devs:
         if d in canary:
             w.telemetry(d, w.bundle_sha, seq=1, latency_ms=20.0)
         else:
             w.telemetry(d, OLD, seq=1, latency_ms=10.0)
-    w.now += timedelta(seconds=61)
+    w.now += timedelta(seconds=31)
     r.tick()
     row = w.rollout(rid)
     assert row.phase == "rolling_back", row.reason
@@ -334,6 +338,43 @@ def test_failing_gate_rolls_back_every_device_that_took_it(world: World) -> None
     assert w.rollout(rid).phase == "rolled_back"
     phases = Counter(d.phase for d in w.devices(rid).values())
     assert phases == {"rolled_back": 3, "planned": 7}
+
+
+def test_switch_window_cold_starts_do_not_fail_the_latency_gate(world: World) -> None:
+    w = world
+    devs = fleet_of(w, 10)
+    rid = w.create(
+        stages=(StageSpec(percent=30, bake_s=60), StageSpec(percent=100, bake_s=60)),
+        gates=GateConfig(min_inferences=100, max_drift_score=None), seed=1,
+    )  # fmt: skip
+    r = w.runner()
+    r.tick()
+    canary = [c.device_id for c in w.publisher.sent]
+    w.now += timedelta(seconds=1)
+    for c in w.publisher.sent:
+        w.answer(c, InstallState.SWITCHED)
+    w.now += timedelta(seconds=3)
+    # each canary's switch window holds its cold, 10x slower inferences (health check)
+    for d in canary:
+        w.telemetry(d, w.bundle_sha, seq=1, latency_ms=100.0, window_s=3)
+    answer_all(w)  # committed at T0+4 (device clock)
+    r.tick()
+    assert w.rollout(rid).phase == "baking"
+    for seq in (2, 3, 4):
+        w.now += timedelta(seconds=10)
+        for d in devs:
+            w.telemetry(d, w.bundle_sha if d in canary else OLD, seq=seq, latency_ms=10.0)
+    w.now += timedelta(seconds=31)
+    r.tick()
+    row = w.rollout(rid)
+    assert row.phase == "deploying" and row.stage == 1, row.reason
+    decision = next(d for d in w.decisions(rid) if d.outcome == "advance")
+    gates = {g["name"]: g for g in decision.figures["gates"]}
+    assert gates["latency_p95_ratio"]["status"] == "pass"
+    assert gates["latency_p95_ratio"]["canary"] == pytest.approx(10.0, rel=0.05)
+    # the window [T0+4, T0+14] began before commit + warm-up (5 s): cold, left out too
+    assert decision.figures["canary"]["cold_windows"] == 2 * len(canary)
+    assert decision.figures["canary"]["inferences"] == 200 * len(canary)
 
 
 def test_install_failures_roll_back_before_the_stage_settles(world: World) -> None:
