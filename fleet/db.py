@@ -51,8 +51,9 @@ def _is_memory_sqlite(url: str) -> bool:
     return url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE."""
+def make_engine(url: str, *, echo: bool = False, read_only: bool = False) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE
+    (``read_only``: plain deferred BEGIN, for `reader_engine`)."""
     if not url.startswith("sqlite"):
         return create_engine(url, echo=echo, pool_pre_ping=True)
     kwargs: dict[str, Any] = {
@@ -79,11 +80,29 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
+    begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin)
 
     return engine
+
+
+def reader_engine(engine: Engine) -> Engine:
+    """An engine for long reads that must not hold SQLite's write lock (same database).
+
+    Every transaction on a SQLite engine from `make_engine` begins IMMEDIATE (it holds the
+    write lock from its first statement: a read that later writes cannot fail with
+    SQLITE_BUSY). A background job that reads a lot and computes before it writes (the
+    drift tiler) reads through this one instead: a deferred transaction on a WAL database
+    reads a snapshot and never blocks ingest. Other databases (and in-memory SQLite, one
+    connection) get ``engine`` itself.
+    """
+    url = engine.url.render_as_string(hide_password=False)
+    if engine.dialect.name != "sqlite" or _is_memory_sqlite(url):
+        return engine
+    return make_engine(url, read_only=True)
 
 
 def create_db(engine: Engine) -> None:

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from fleet.db import reader_engine
 from fleet.drift.alert import AlertState, Observation, step
 from fleet.drift.api import DriftReport
 from fleet.drift.models import DriftAlert, DriftTile
@@ -52,6 +53,8 @@ class DriftService:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: reads for the tiler that hold no write lock (`fleet.db.reader_engine`)
+    _reader: Engine | None = None
 
     def start(self) -> None:
         if not self.settings.enabled:
@@ -75,15 +78,20 @@ class DriftService:
         """Tile, then evaluate every completed alert window (callable directly in tests)."""
         now = now or utcnow()
         s = self.settings
+        if self._reader is None:
+            self._reader = reader_engine(self.engine)
+        reader = self._reader
         with Session(self.engine) as session:
             for _ in range(1000):
-                stats = tile_new_telemetry(
-                    session,
-                    tile_s=s.tile_s,
-                    grace_s=s.tile_grace_s,
-                    batch_rows=s.tile_batch_rows,
-                    now=now,
-                )
+                with Session(reader) as read_session:
+                    stats = tile_new_telemetry(
+                        session,
+                        tile_s=s.tile_s,
+                        grace_s=s.tile_grace_s,
+                        batch_rows=s.tile_batch_rows,
+                        now=now,
+                        reader=read_session if reader is not self.engine else None,
+                    )
                 if stats.rows < s.tile_batch_rows or self._stop.is_set():
                     break
             width = max(s.alert_window_s, s.tile_s)

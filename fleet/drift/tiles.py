@@ -138,11 +138,22 @@ def tile_new_telemetry(
     grace_s: float = 5.0,
     batch_rows: int = 2000,
     now: datetime | None = None,
+    reader: Session | None = None,
 ) -> TileStats:
-    """Merge telemetry rows newer than the cursor into tiles; commits. One batch per call."""
+    """Merge telemetry rows newer than the cursor into tiles; commits. One batch per call.
+
+    ``reader``: a session for the reads that takes no write lock (SQLite: a deferred
+    transaction on a WAL database). Rows are read and merged there, outside any write
+    transaction, so ingest never waits for the merge; the write transaction on
+    ``session`` is short. It locks the cursor row and writes only if the cursor has not
+    moved since the read: another fleet process that tiled the same rows first wins, and
+    this batch is dropped, never counted twice.
+    """
     now = now or utcnow()
-    cursor = session.get(DriftCursor, CURSOR) or DriftCursor(name=CURSOR, last_id=0)
-    rows = session.exec(
+    src = reader or session
+    start = src.get(DriftCursor, CURSOR)
+    start_id = start.last_id if start is not None else 0
+    rows = src.exec(
         select(  # type: ignore[call-overload]  # sqlmodel types up to 4 columns
             TelemetryRecord.id,
             TelemetryRecord.model_name,
@@ -152,25 +163,40 @@ def tile_new_telemetry(
             TelemetryRecord.window,
         )
         .where(
-            col(TelemetryRecord.id) > cursor.last_id,
+            col(TelemetryRecord.id) > start_id,
             col(TelemetryRecord.received_at) <= now - timedelta(seconds=grace_s),
         )
         .order_by(col(TelemetryRecord.id))
         .limit(batch_rows)
     ).all()
+    if reader is not None:
+        reader.rollback()  # end the read snapshot
     groups: dict[tuple[str, int, datetime], _Builder] = defaultdict(_Builder)
-    last_id = cursor.last_id
+    last_id = start_id
     for row_id, name, version, end, received, window in rows:
         last_id = max(last_id, int(row_id))
         if not name or version is None or not isinstance(window, dict):
             continue
         t = min(end, received) if received is not None else end
         groups[(name, int(version), bucket_of(t, tile_s))].add_window(window)
-    written = rejected = 0
-    for (name, version, bucket), builder in groups.items():
+    merged: dict[tuple[str, int, datetime], dict[str, FeatureSketch]] = {}
+    rejected = 0
+    for key, builder in groups.items():
         builder.merge_packs()
         rejected += builder.rejected
-        written += _write_tiles(session, name, version, bucket, tile_s, builder, now)
+        merged[key] = {f: acc.sketch() for f, acc in builder.accs.items() if acc.windows}
+    # the write: short, and only if nobody tiled these rows meanwhile
+    cursor = session.get(DriftCursor, CURSOR, with_for_update=True)
+    if (cursor.last_id if cursor is not None else 0) != start_id:
+        session.rollback()
+        log.info("drift tiler: another process tiled rows after id %d first", start_id)
+        return TileStats(rows=0, tiles_written=0, rejected_sketches=0, last_id=start_id)
+    cursor = cursor or DriftCursor(name=CURSOR, last_id=0)
+    written = 0
+    for (name, version, bucket), builder in groups.items():
+        written += _write_tiles(
+            session, name, version, bucket, tile_s, builder, merged[(name, version, bucket)], now
+        )
     if rows:
         cursor.last_id = last_id
         cursor.updated_at = now
@@ -190,6 +216,7 @@ def _write_tiles(
     bucket: datetime,
     tile_s: int,
     builder: _Builder,
+    sketches: dict[str, FeatureSketch],
     now: datetime,
 ) -> int:
     existing = {
@@ -204,18 +231,18 @@ def _write_tiles(
         )
     }
     n = 0
-    for feature, acc in builder.accs.items():
-        if not acc.windows:
-            continue
+    for feature, merged in sketches.items():
+        acc = builder.accs[feature]
         tile = existing.get(feature)
         if tile is not None and tile.sketch:
             try:
-                acc.add_sketch(FeatureSketch.from_wire(SketchWire.model_validate(tile.sketch)))
+                old = FeatureSketch.from_wire(SketchWire.model_validate(tile.sketch))
+                old.merge(merged)  # carries both NaN counts
+                merged = old
             except (SketchError, ValueError):
                 log.warning(
                     "tile %s/%s/%s unreadable; rebuilt from new data", name, feature, bucket
                 )
-        merged = acc.sketch()
         tile = tile or DriftTile(
             model_name=name,
             model_version=version,

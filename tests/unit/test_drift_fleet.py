@@ -11,7 +11,7 @@ import numpy as np
 from sqlmodel import Session, select
 
 import fleet.drift.models as drift_models
-from fleet.db import create_db, make_engine
+from fleet.db import create_db, make_engine, reader_engine
 from fleet.drift.scope import compare_cohorts, rank_devices
 from fleet.drift.service import DriftCollector, DriftService
 from fleet.drift.settings import DriftSettings
@@ -19,6 +19,7 @@ from fleet.drift.tiles import read_tiles, tile_new_telemetry
 from fleet.models import Bundle, Device, TelemetryRecord
 from protocol.features import Baseline, FeatureSpec
 from protocol.sketch import SketchBank
+from protocol.sketchpack import pack_sketches
 
 FEATURES = ("x[0]", "x[1]")
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -42,13 +43,16 @@ def _baseline_bundle(tmp_path: Path, rng: np.random.Generator) -> Path:
     return path
 
 
-def _window(rng: np.random.Generator, shift: float, rows: int = 150) -> dict:
+def _window(rng: np.random.Generator, shift: float, rows: int = 150, packed: bool = True) -> dict:
+    """A stored window; ``packed`` False: the per-feature JSON form of older agents."""
     bank = SketchBank(FEATURES)
     bank.update_rows(rng.normal(shift, 1.0, size=(rows, 2)))
-    return {
-        "input_sketches": {k: w.model_dump(mode="json") for k, w in bank.to_wire().items()},
-        "output_class_counts": [rows // 2, rows - rows // 2],
-    }
+    sketches = (
+        {"input_pack": pack_sketches(bank.sketches)}
+        if packed
+        else {"input_sketches": {k: w.model_dump(mode="json") for k, w in bank.to_wire().items()}}
+    )
+    return {**sketches, "output_class_counts": [rows // 2, rows - rows // 2]}
 
 
 def _setup(tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -90,7 +94,7 @@ def _ingest(engine, rng, minute: int, shift_of) -> None:  # type: ignore[no-unty
                     model_name="m",
                     model_version=1,
                     inference_count=150,
-                    window=_window(rng, shift_of(d)),
+                    window=_window(rng, shift_of(d), packed=d % 2 == 0),  # both forms
                 )
             )
         s.commit()
@@ -152,25 +156,32 @@ def test_tiles_alerts_and_the_broken_device(tmp_path: Path) -> None:
 def test_bad_sketches_are_skipped_not_fatal(tmp_path: Path) -> None:
     engine, rng = _setup(tmp_path)
     with Session(engine) as s:
-        window = _window(rng, 0.0)
+        window = _window(rng, 0.0, packed=False)
         window["input_sketches"]["x[0]"]["data"] = "AAAA"
         window["input_sketches"]["x[1]"] = "not a sketch"
-        s.add(
-            TelemetryRecord(
-                device_id="dev0",
-                stream_id="s",
-                seq=1,
-                window_start=T0,
-                window_end=T0,
-                received_at=T0,
-                model_name="m",
-                model_version=1,
-                window=window,
+        good = _window(rng, 0.0)
+        packed = good["input_pack"]
+        for seq, w in enumerate(
+            [window, {"input_pack": "!!!"}, {"input_pack": packed[:-8] + "AAAAAAAA"}, good]
+        ):
+            s.add(
+                TelemetryRecord(
+                    device_id="dev0",
+                    stream_id="s",
+                    seq=seq,
+                    window_start=T0,
+                    window_end=T0,
+                    received_at=T0,
+                    model_name="m",
+                    model_version=1,
+                    window=w,
+                )
             )
-        )
         s.commit()
         stats = tile_new_telemetry(s, tile_s=60, grace_s=0, now=T0 + timedelta(minutes=1))
-        assert stats.rows == 1 and stats.rejected_sketches == 2
+        # two bad JSON-form sketches, a pack that is not base64, one whose zlib is damaged
+        assert stats.rows == 4 and stats.rejected_sketches == 4
+        assert read_tiles(s, "m", 1, T0, T0 + timedelta(minutes=1)).sketches["x[0]"].count == 150
 
 
 def test_rest_routes_and_cli_window_parsing(tmp_path: Path) -> None:
@@ -187,3 +198,39 @@ def test_rest_routes_and_cli_window_parsing(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["devices"] == []
         assert client.get("/metrics").status_code == 200
     assert parse_window("1h") == 3600 and parse_window("90") == 90 and parse_window("15m") == 900
+
+
+def test_tiler_reads_without_the_write_lock_and_never_counts_twice(tmp_path: Path) -> None:
+    import sqlite3
+
+    engine, rng = _setup(tmp_path)
+    _ingest(engine, rng, 0, lambda d: 0.0)
+    reader = reader_engine(engine)
+    assert reader is not engine
+    now = T0 + timedelta(minutes=1)
+
+    # a read on the reader leaves the write lock free: ingest can commit meanwhile
+    with Session(reader) as r:
+        assert len(r.exec(select(TelemetryRecord.id)).all()) == 6
+        other = sqlite3.connect(tmp_path / "fleet.db", timeout=0.1, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # would raise "database is locked" if held
+        other.execute("ROLLBACK")
+        other.close()
+
+    # another fleet process tiles the same rows between this tiler's read and its write
+    class Racing(Session):
+        raced = False
+
+        def rollback(self) -> None:
+            super().rollback()
+            if not Racing.raced:
+                Racing.raced = True
+                with Session(engine) as first:
+                    assert tile_new_telemetry(first, tile_s=60, grace_s=0, now=now).rows == 6
+
+    with Session(engine) as s, Racing(reader) as r:
+        stats = tile_new_telemetry(s, tile_s=60, grace_s=0, now=now, reader=r)
+        assert Racing.raced and stats.rows == 0  # it lost the race and wrote nothing
+    with Session(engine) as s:
+        bank = read_tiles(s, "m", 1, T0, now)
+        assert bank.sketches["x[0]"].count == 6 * 150  # once, not twice
