@@ -34,7 +34,7 @@ from protocol.messages import (
     TelemetryWindow,
     decode_message,
 )
-from protocol.sketch import FeatureSketch
+from protocol.sketch import wire_quantiles
 from protocol.topics import Channel, parse_topic
 
 __all__ = [
@@ -58,6 +58,7 @@ _EXPECTED: dict[Channel, type[BaseModel]] = {
     Channel.PRESENCE: Presence,
 }
 #: after these transitions the device serves a different bundle than before
+_LATENCY_QS = (0.5, 0.95, 0.99)
 _BUNDLE_CHANGING = {InstallState.COMMITTED, InstallState.ROLLED_BACK, InstallState.REVERTED}
 
 
@@ -321,15 +322,12 @@ def store_telemetry(
         latency_count = 0
         if msg.latency_ms is not None and msg.latency_ms.count > 0:
             try:
-                sketch = FeatureSketch.from_wire(msg.latency_ms)
+                latency_count, (p50, p95, p99) = wire_quantiles(msg.latency_ms, _LATENCY_QS)
             except SketchError as exc:
                 results[i] = IngestResult.rejected(
                     Reason.BAD_SKETCH, f"latency_ms: {exc}", kind=msg.kind, device_id=msg.device_id
                 )
                 continue
-            latency_count = sketch.count
-            if not sketch.empty:
-                p50, p95, p99 = sketch.quantiles((0.5, 0.95, 0.99))
         rows.append(
             {
                 "device_id": msg.device_id,

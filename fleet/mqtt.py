@@ -71,9 +71,7 @@ class FleetMqtt:
             # receipt and commit leaves it un-acknowledged, and the broker sends it again.
             manual_ack=True,
         )
-        if settings.mqtt_username is not None:
-            password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
-            client.username_pw_set(settings.mqtt_username, password)
+        self._credentials(client)
         client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -81,6 +79,26 @@ class FleetMqtt:
         client.on_connect_fail = self._on_connect_fail
         self._failed_attempts = 0
         self._client = client
+        # Commands go out on a connection of their own. On the ingest connection a command's
+        # PUBACK waited behind the telemetry backlog: when ingest falls behind, its network
+        # thread blocks (back-pressure) and reads nothing, acknowledgements included, so a
+        # rollout's commands timed out exactly when the fleet was busiest.
+        commands = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"{self.client_id}-cmd",
+            protocol=paho.MQTTv5,
+        )
+        self._credentials(commands)
+        commands.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
+        commands.on_connect = self._on_commands_connect
+        self._commands = commands
+        self._commands_connected = threading.Event()
+
+    def _credentials(self, client: paho.Client) -> None:
+        settings = self._settings
+        if settings.mqtt_username is not None:
+            password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+            client.username_pw_set(settings.mqtt_username, password)
 
     @property
     def connected(self) -> bool:
@@ -99,6 +117,14 @@ class FleetMqtt:
             properties=props,
         )
         self._client.loop_start()
+        # publishes only: a clean session, nothing to keep at the broker
+        self._commands.connect_async(
+            self._settings.mqtt_host,
+            self._settings.mqtt_port,
+            keepalive=self._settings.mqtt_keepalive_s,
+            clean_start=True,
+        )
+        self._commands.loop_start()
         log.info(
             "MQTT client %s connecting to %s:%d",
             self.client_id,
@@ -116,21 +142,27 @@ class FleetMqtt:
         props.SessionExpiryInterval = 0
         try:
             self._client.disconnect(properties=props)
+            self._commands.disconnect()
         finally:
             self._client.loop_stop()
+            self._commands.loop_stop()
             self._connected.clear()
+            self._commands_connected.clear()
 
     def publish_command(self, command: DeployCommand | RollbackCommand) -> None:
         """Publish with QoS 1 and wait for PUBACK; raise BrokerUnavailable otherwise."""
         where = f"{self._settings.mqtt_host}:{self._settings.mqtt_port}"
         # paho would queue a message while disconnected and send it after reconnecting; a
         # command we report as failed must not arrive later, so refuse up front.
-        if not self._client.is_connected():
+        if not self._commands.is_connected():
+            # just started: the command connection may be a moment behind the ingest one
+            self._commands_connected.wait(min(2.0, self._settings.publish_timeout_s))
+        if not self._commands.is_connected():
             raise BrokerUnavailable(
                 f"MQTT broker {where} is not connected; the command was not sent"
             )
         topic = device_topic(command.device_id, Channel.COMMAND)
-        info = self._client.publish(topic, encode_message(command), qos=1)
+        info = self._commands.publish(topic, encode_message(command), qos=1)
         timeout_s = self._settings.publish_timeout_s
         try:
             info.wait_for_publish(timeout_s)
@@ -160,6 +192,15 @@ class FleetMqtt:
             getattr(flags, "session_present", None),
             ", ".join(s for s, _ in subs),
         )
+
+    def _on_commands_connect(
+        self, _client: paho.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused the command connection: %s", reason_code)
+            self._commands_connected.clear()
+            return
+        self._commands_connected.set()
 
     def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
         self._failed_attempts += 1

@@ -11,7 +11,7 @@ import pytest
 
 from protocol.errors import MessageDecodeError, SketchError
 from protocol.messages import TelemetryWindow, decode_message
-from protocol.sketch import FeatureSketch, SketchMerger, _check_kll_layout
+from protocol.sketch import FeatureSketch, SketchMerger, _check_kll_layout, wire_quantiles
 from protocol.sketchpack import MAX_PACK_BYTES, merge_packs, pack_sketches, read_pack
 
 
@@ -180,3 +180,15 @@ def test_window_carries_one_form_of_sketches() -> None:
     payload = both.model_copy(update={"input_pack": pack_sketches({"x": s})}).model_dump_json()
     with pytest.raises(MessageDecodeError, match="one"):
         decode_message(payload.encode(), expect=TelemetryWindow)
+
+
+def test_wire_quantiles_match_the_library() -> None:
+    rng = np.random.default_rng(6)
+    for n in (1, 2, 5, 100, 150, 1000, 20_000):
+        s = FeatureSketch.of(rng.lognormal(size=n))
+        count, qs = wire_quantiles(s.to_wire(), (0.5, 0.95, 0.99))
+        assert count == n and qs == s.quantiles((0.5, 0.95, 0.99))
+    wire = FeatureSketch.of(np.arange(10.0)).to_wire()
+    with pytest.raises(SketchError, match="holds 10 values but says 11"):
+        wire_quantiles(wire.model_copy(update={"count": 11}), (0.5,))  # holds 10
+    assert wire_quantiles(FeatureSketch().to_wire(), (0.5,)) == (0, [])
