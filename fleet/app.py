@@ -78,7 +78,11 @@ def create_app(
         worker = mqtt = None
         if publisher is None:
             worker = IngestWorker(
-                db, stats, queue_max=settings.ingest_queue_max, batch_max=settings.ingest_batch_max
+                db,
+                stats,
+                queue_max=settings.ingest_queue_max,
+                batch_max=settings.ingest_batch_max,
+                linger_s=settings.ingest_linger_ms / 1000,
             )
             worker.start()
             mqtt = FleetMqtt(settings, worker.submit)

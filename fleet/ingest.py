@@ -45,6 +45,7 @@ __all__ = [
     "Reason",
     "apply",
     "decode",
+    "ensure_devices",
     "handle",
     "store_telemetry",
 ]
@@ -392,6 +393,12 @@ def _dialect_insert(dialect: str, table: Any) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table)
+
+
+def ensure_devices(session: Session, device_ids: list[str], now: datetime) -> None:
+    """Register the devices of ``device_ids`` (sorted) that do not exist yet, in one INSERT."""
+    if device_ids:
+        _ensure_devices(session, session.get_bind().dialect.name, device_ids, now)
 
 
 def _ensure_devices(session: Session, dialect: str, device_ids: list[str], now: datetime) -> None:

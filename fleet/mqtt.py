@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,8 @@ MessageSink = Callable[[str, bytes, Callable[[], None]], None]
 RECONNECT_MIN_DELAY_S = 1
 RECONNECT_MAX_DELAY_S = 30
 UPWARD_CHANNELS = (Channel.STATUS, Channel.TELEMETRY, Channel.HEARTBEAT, Channel.PRESENCE)
+TELEMETRY_CHANNELS = (Channel.TELEMETRY,)
+CONTROL_CHANNELS = (Channel.STATUS, Channel.HEARTBEAT, Channel.PRESENCE)
 
 
 def client_id_for_process(settings: FleetSettings | None = None) -> str:
@@ -63,22 +66,14 @@ class FleetMqtt:
         self._sink = sink
         self.client_id = client_id or client_id_for_process(settings)
         self._connected = threading.Event()
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=paho.MQTTv5,
-            # PUBACK only after the message is committed to the database: a crash between
-            # receipt and commit leaves it un-acknowledged, and the broker sends it again.
-            manual_ack=True,
-        )
-        self._credentials(client)
-        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_connect_fail = self._on_connect_fail
         self._failed_attempts = 0
-        self._client = client
+        # Telemetry and the control channels (status, heartbeat, presence) come in on two
+        # connections, each with its own network thread: when telemetry backs up and its
+        # thread blocks (back-pressure), a rollout's answers are still read, and the ingest
+        # worker serves them first (fleet/worker.py).
+        self._client = self._subscriber(self.client_id, TELEMETRY_CHANNELS)
+        self._control = self._subscriber(f"{self.client_id}-ctl", CONTROL_CHANNELS)
+        self._control_connected = threading.Event()
         # Commands go out on a connection of their own. On the ingest connection a command's
         # PUBACK waited behind the telemetry backlog: when ingest falls behind, its network
         # thread blocks (back-pressure) and reads nothing, acknowledgements included, so a
@@ -94,6 +89,24 @@ class FleetMqtt:
         self._commands = commands
         self._commands_connected = threading.Event()
 
+    def _subscriber(self, client_id: str, channels: tuple[Channel, ...]) -> paho.Client:
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            # PUBACK only after the message is committed to the database: a crash between
+            # receipt and commit leaves it un-acknowledged, and the broker sends it again.
+            manual_ack=True,
+            userdata=channels,
+        )
+        self._credentials(client)
+        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_connect_fail = self._on_connect_fail
+        return client
+
     def _credentials(self, client: paho.Client) -> None:
         settings = self._settings
         if settings.mqtt_username is not None:
@@ -102,21 +115,22 @@ class FleetMqtt:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._connected.is_set() and self._control_connected.is_set()
 
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried with backoff."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        # Keep the session (subscriptions, queued QoS 1 messages) across reconnects.
-        props.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
-        self._client.connect_async(
-            self._settings.mqtt_host,
-            self._settings.mqtt_port,
-            keepalive=self._settings.mqtt_keepalive_s,
-            clean_start=False,
-            properties=props,
-        )
-        self._client.loop_start()
+        for client in (self._client, self._control):
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # Keep the session (subscriptions, queued QoS 1 messages) across reconnects.
+            props.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
+            client.connect_async(
+                self._settings.mqtt_host,
+                self._settings.mqtt_port,
+                keepalive=self._settings.mqtt_keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+            client.loop_start()
         # publishes only: a clean session, nothing to keep at the broker
         self._commands.connect_async(
             self._settings.mqtt_host,
@@ -134,19 +148,24 @@ class FleetMqtt:
 
     def wait_connected(self, timeout_s: float) -> bool:
         """True once connected (and subscribed requests sent) within ``timeout_s``."""
-        return self._connected.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        return self._connected.wait(timeout_s) and self._control_connected.wait(
+            max(0.0, deadline - time.monotonic())
+        )
 
     def stop(self) -> None:
         """Disconnect and end the session at the broker (so nothing queues for a dead worker)."""
-        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
         try:
-            self._client.disconnect(properties=props)
+            for client in (self._client, self._control):
+                props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 0
+                client.disconnect(properties=props)
             self._commands.disconnect()
         finally:
-            self._client.loop_stop()
-            self._commands.loop_stop()
+            for client in (self._client, self._control, self._commands):
+                client.loop_stop()
             self._connected.clear()
+            self._control_connected.clear()
             self._commands_connected.clear()
 
     def publish_command(self, command: DeployCommand | RollbackCommand) -> None:
@@ -176,16 +195,19 @@ class FleetMqtt:
 
     # -- paho callbacks (network thread) --------------------------------------------------
     def _on_connect(
-        self, client: paho.Client, _userdata: Any, flags: Any, reason_code: Any, _properties: Any
+        self, client: paho.Client, channels: Any, flags: Any, reason_code: Any, _properties: Any
     ) -> None:
         if reason_code.is_failure:
             log.error("MQTT broker refused the connection: %s", reason_code)
             return
         group = self._settings.mqtt_share_group
-        subs = [(shared_subscription(group, ch), SubscribeOptions(qos=1)) for ch in UPWARD_CHANNELS]
-        # Subscribe every time: harmless when the session kept them, needed when it did not.
+        subs = [(shared_subscription(group, ch), SubscribeOptions(qos=1)) for ch in channels]
+        # Subscribe every time: harmless when the session kept them, needed when it did not;
+        # drop the other channels (a session from before the split still has them)
         client.subscribe(subs)
-        self._connected.set()
+        others = [shared_subscription(group, ch) for ch in UPWARD_CHANNELS if ch not in channels]
+        client.unsubscribe(others)
+        (self._control_connected if client is self._control else self._connected).set()
         self._failed_attempts = 0
         log.info(
             "MQTT connected (session present: %s); subscribed to %s",
@@ -216,8 +238,9 @@ class FleetMqtt:
     def _on_disconnect(
         self, _client: paho.Client, _userdata: Any, _flags: Any, reason_code: Any, _properties: Any
     ) -> None:
-        was = self._connected.is_set()
-        self._connected.clear()
+        event = self._control_connected if _client is self._control else self._connected
+        was = event.is_set()
+        event.clear()
         if was:
             log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
 

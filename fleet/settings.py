@@ -72,6 +72,8 @@ class FleetSettings(BaseSettings):
     #: bounded queue between the MQTT thread and the DB writer, and the writer's batch size
     ingest_queue_max: int = Field(default=10_000, ge=1)
     ingest_batch_max: int = Field(default=500, ge=1, le=100_000)
+    #: a batch waits up to this long for more messages (fewer commits under load)
+    ingest_linger_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
 
     #: rollouts: how often each process steps active rollouts, and how long a process's
     #: claim on a rollout (and on outbox rows it is sending) lasts without renewal

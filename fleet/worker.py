@@ -8,9 +8,11 @@ retried one message at a time so one bad row costs only itself.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.engine import Engine
@@ -23,17 +25,20 @@ from fleet.ingest import (
     Reason,
     apply,
     decode,
+    ensure_devices,
     handle,
     store_telemetry,
 )
 from fleet.models import utcnow
 from protocol.messages import TelemetryWindow
+from protocol.topics import Channel
 
 __all__ = ["IngestWorker", "ingest_batch"]
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_TELEMETRY_SUFFIX = "/" + Channel.TELEMETRY.value
 
 
 def _log_result(topic: str, result: IngestResult) -> None:
@@ -74,6 +79,15 @@ def _apply_decoded(
     decoded: Sequence[Decoded | IngestResult],
 ) -> list[IngestResult]:
     now = utcnow()
+    # Register every new device of the batch first, in id order, in one statement: two
+    # fleet processes registering overlapping devices then take row locks in the same
+    # order (PostgreSQL deadlocked when heartbeats registered them one by one, in message
+    # order, while the other process's telemetry did so sorted).
+    ensure_devices(
+        session,
+        sorted({m.device_id for m in decoded if not isinstance(m, IngestResult)}),
+        now,
+    )
     results: list[IngestResult | None] = [None] * len(items)
     windows: list[tuple[TelemetryWindow, bytes]] = []
     window_at: list[int] = []
@@ -112,24 +126,79 @@ def _one(engine: Engine, topic: str, payload: bytes) -> IngestResult:
     raise AssertionError("unreachable")
 
 
+class _Lanes:
+    """Two bounded FIFO lanes with one reader: the control lane is always served first.
+
+    Status events, heartbeats and presence decide rollouts; telemetry is bulk. In one FIFO
+    a rollout's answers waited behind minutes of windows whenever ingest fell behind. Each
+    lane has its own bound, so a full telemetry lane blocks only telemetry's producer.
+    """
+
+    def __init__(self, maxsize: int, control_maxsize: int) -> None:
+        self._lanes: tuple[collections.deque[object], collections.deque[object]] = (
+            collections.deque(),
+            collections.deque(),
+        )
+        self._max = (control_maxsize, maxsize)
+        self._cond = threading.Condition()
+
+    def put(self, item: object, *, control: bool) -> None:
+        lane = 0 if control else 1
+        with self._cond:
+            while len(self._lanes[lane]) >= self._max[lane]:
+                self._cond.wait()
+            self._lanes[lane].append(item)
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None = None) -> object:
+        """The next item (control first); raises queue.Empty after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not (self._lanes[0] or self._lanes[1]):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise queue.Empty
+                self._cond.wait(remaining)
+            item = (self._lanes[0] or self._lanes[1]).popleft()
+            self._cond.notify_all()
+            return item
+
+    def qsize(self) -> int:
+        with self._cond:
+            return len(self._lanes[0]) + len(self._lanes[1])
+
+
 class IngestWorker:
     """Owns the queue and the writer thread; `submit` is called from the MQTT thread."""
 
     def __init__(
-        self, engine: Engine, stats: IngestStats, *, queue_max: int, batch_max: int
+        self,
+        engine: Engine,
+        stats: IngestStats,
+        *,
+        queue_max: int,
+        batch_max: int,
+        linger_s: float = 0.0,
     ) -> None:
         self._engine = engine
         self._stats = stats
         self._batch_max = batch_max
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_max)
+        #: how long a batch may wait for more messages before it is written: fewer,
+        #: larger transactions when the writer keeps pace (each costs a commit), at the
+        #: price of that much more acknowledgement latency
+        self._linger_s = linger_s
+        self._queue = _Lanes(queue_max, control_maxsize=max(1, queue_max // 4))
         self._thread: threading.Thread | None = None
 
     def submit(self, topic: str, payload: bytes, ack: Callable[[], None] | None = None) -> None:
-        """Enqueue one message; blocks while the queue is full (back-pressure).
+        """Enqueue one message; blocks while its lane is full (back-pressure).
 
-        ``ack`` (the broker acknowledgement) is called after the message's batch commits.
+        Telemetry goes to the bulk lane, everything else to the control lane, which the
+        writer serves first. ``ack`` (the broker acknowledgement) is called after the
+        message's batch commits.
         """
-        self._queue.put((topic, payload, ack))
+        control = not topic.endswith(_TELEMETRY_SUFFIX)
+        self._queue.put((topic, payload, ack), control=control)
 
     @property
     def backlog(self) -> int:
@@ -145,7 +214,7 @@ class IngestWorker:
         """Write out everything already queued, then end the thread."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        self._queue.put(_STOP, control=False)  # after everything already queued
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error(
@@ -159,6 +228,7 @@ class IngestWorker:
         stopping = False
         while not stopping:
             item = self._queue.get()
+            deadline: float | None = None
             batch: list[tuple[str, bytes]] = []
             acks: list[Callable[[], None] | None] = []
             while True:
@@ -170,8 +240,10 @@ class IngestWorker:
                     acks.append(ack)
                 if stopping or len(batch) >= self._batch_max:
                     break
+                if deadline is None:
+                    deadline = time.monotonic() + self._linger_s
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
             if batch:

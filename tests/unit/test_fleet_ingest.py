@@ -322,3 +322,28 @@ def test_file_database_shared_by_two_engines(tmp_path) -> None:  # type: ignore[
     finally:
         a.dispose()
         b.dispose()
+
+
+def test_worker_serves_status_ahead_of_a_telemetry_backlog(engine: Engine) -> None:
+    """A full telemetry lane neither blocks nor delays status, heartbeats and presence."""
+    import threading
+
+    order: list[str] = []
+    worker = IngestWorker(engine, IngestStats(), queue_max=8, batch_max=2)
+    for seq in range(8):  # the telemetry lane is full before the writer starts
+        w = telemetry(seq)
+        worker.submit(topic_of(w), encode_message(w), lambda: order.append("telemetry"))
+    blocked = threading.Thread(
+        target=worker.submit, args=(topic_of(telemetry(99)), encode_message(telemetry(99)))
+    )
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()  # telemetry's producer waits (back-pressure) ...
+    hb = heartbeat()
+    worker.submit(topic_of(hb), encode_message(hb), lambda: order.append("heartbeat"))  # ... not
+    worker.start()
+    blocked.join(10)
+    worker.stop()
+    assert order[0] == "heartbeat" and order.count("telemetry") == 8
+    with Session(engine) as s:
+        assert s.exec(select(func.count()).select_from(TelemetryRecord)).one() == 9
