@@ -54,6 +54,9 @@ class DriftCursor(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     last_id: int = Field(default=0, sa_type=BigInteger)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    #: the fleet process that tiles and evaluates drift now (one at a time; a lease)
+    owner: str | None = Field(default=None, max_length=128)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class DriftAlertPublic(SQLModel):

@@ -10,6 +10,8 @@ windows that both drift are barely more evidence than one.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +29,7 @@ from fleet.drift.models import DriftAlert, DriftTile
 from fleet.drift.reference import ReferenceCache
 from fleet.drift.scope import fleet_report
 from fleet.drift.settings import DriftSettings
-from fleet.drift.tiles import tile_new_telemetry
+from fleet.drift.tiles import claim_drift_lease, tile_new_telemetry
 from fleet.errors import NotFound
 from fleet.models import utcnow
 
@@ -55,6 +57,8 @@ class DriftService:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: reads for the tiler that hold no write lock (`fleet.db.reader_engine`)
     _reader: Engine | None = None
+    #: this process's name in the drift lease
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def start(self) -> None:
         if not self.settings.enabled:
@@ -74,10 +78,21 @@ class DriftService:
             except Exception:  # the loop must survive one bad tick; the log says why
                 log.exception("drift tick failed")
 
-    def tick(self, now: datetime | None = None) -> None:
-        """Tile, then evaluate every completed alert window (callable directly in tests)."""
+    def tick(self, now: datetime | None = None) -> bool:
+        """Tile, then evaluate every completed alert window (callable directly in tests).
+
+        Only the process holding the drift lease does this (False: another one does): with
+        several fleet processes, each merging the same telemetry wasted its CPU, and two
+        evaluating the same window could both fire an alert.
+        """
         now = now or utcnow()
         s = self.settings
+        with Session(self.engine) as session:
+            if not claim_drift_lease(session, self.owner, now, max(30.0, 3 * s.interval_s)):
+                log.debug("drift: another fleet process holds the lease")
+                with self._lock:
+                    self.latest.clear()  # the holder exports current figures; not stale ones
+                return False
         if self._reader is None:
             self._reader = reader_engine(self.engine)
         reader = self._reader
@@ -103,6 +118,7 @@ class DriftService:
             ).all()
             for name, version in versions:
                 self._evaluate(session, name, int(version), now, width)
+        return True
 
     def _evaluate(
         self, session: Session, name: str, version: int, now: datetime, width: int

@@ -23,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from sqlalchemy import or_, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleet.drift.models import CLASSES_FEATURE, CONFIDENCE_FEATURE, DriftCursor, DriftTile
@@ -36,6 +38,7 @@ __all__ = [
     "TileStats",
     "bank_from_windows",
     "bucket_of",
+    "claim_drift_lease",
     "read_tiles",
     "tile_new_telemetry",
 ]
@@ -129,6 +132,35 @@ class TileStats:
     tiles_written: int
     rejected_sketches: int
     last_id: int
+
+
+def claim_drift_lease(session: Session, owner: str, now: datetime, lease_s: float) -> bool:
+    """Take (or extend) the drift lease if it is free, ours or expired; commits.
+
+    The lease lives on the tiler's cursor row (created here, by whoever comes first).
+    """
+    if session.get(DriftCursor, CURSOR) is None:
+        try:
+            session.add(DriftCursor(name=CURSOR, last_id=0, updated_at=now))
+            session.commit()
+        except IntegrityError:  # another process created it first
+            session.rollback()
+    table = DriftCursor.__table__  # type: ignore[attr-defined]
+    result = session.execute(
+        update(DriftCursor)
+        .where(
+            col(DriftCursor.name) == CURSOR,
+            or_(
+                table.c.owner.is_(None),
+                table.c.owner == owner,
+                table.c.lease_expires_at < now,
+            ),
+        )
+        .values(owner=owner, lease_expires_at=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def tile_new_telemetry(

@@ -234,3 +234,20 @@ def test_tiler_reads_without_the_write_lock_and_never_counts_twice(tmp_path: Pat
     with Session(engine) as s:
         bank = read_tiles(s, "m", 1, T0, now)
         assert bank.sketches["x[0]"].count == 6 * 150  # once, not twice
+
+
+def test_one_fleet_process_at_a_time_does_the_drift_work(tmp_path: Path) -> None:
+    engine, rng = _setup(tmp_path)
+    _ingest(engine, rng, 0, lambda d: 0.0)
+    settings = DriftSettings(enabled=False, tile_s=60, alert_window_s=60, tile_grace_s=0)
+    a = DriftService(engine=engine, settings=settings, owner="a")
+    b = DriftService(engine=engine, settings=settings, owner="b")
+    now = T0 + timedelta(minutes=2)
+    assert a.tick(now=now) and not b.tick(now=now)  # b waits: nothing merged twice
+    assert a.tick(now=now + timedelta(seconds=60))  # the holder renews
+    # the holder dies: after its lease runs out (3 intervals) the other one takes over
+    assert not b.tick(now=now + timedelta(seconds=60 + 179))
+    assert b.tick(now=now + timedelta(seconds=60 + 181))
+    assert not a.tick(now=now + timedelta(seconds=60 + 182))
+    with Session(engine) as s:
+        assert read_tiles(s, "m", 1, T0, now).sketches["x[0]"].count == 6 * 150
