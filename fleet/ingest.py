@@ -367,13 +367,14 @@ def store_telemetry(
             results[i] = IngestResult(
                 outcome=Outcome.DUPLICATE, kind=msg.kind, device_id=msg.device_id
             )
-    # devices heard from are online and seen now (as `_seen` does for single messages)
+    # devices heard from are seen now. Whether they are online is presence's and the
+    # heartbeat's to say: those are served ahead of telemetry (fleet/worker.py), so a window
+    # sent before the device dropped may be stored after its "offline" and must not undo it
     last_seen = Device.__table__.c.last_seen  # type: ignore[attr-defined]
     session.execute(
         update(Device)
         .where(col(Device.id).in_(device_ids))
         .values(
-            online=True,
             last_seen=case((or_(last_seen.is_(None), last_seen < now), now), else_=last_seen),
         )
         .execution_options(synchronize_session=False)

@@ -267,6 +267,17 @@ def test_presence_offline_and_stale_retained_online(engine: Engine) -> None:
         assert d is not None and d.online and d.last_seen == T0
 
 
+def test_a_late_window_does_not_undo_an_offline_presence(engine: Engine) -> None:
+    """Control messages overtake telemetry: the window the device sent before it dropped
+    may be stored after its offline presence; it updates last_seen, not presence."""
+    apply(engine, heartbeat(), now=T0)
+    apply(engine, Presence(device_id="dev-1", online=False), now=T0 + timedelta(seconds=5))
+    assert apply(engine, telemetry(1), now=T0 + timedelta(seconds=6)) is Outcome.STORED
+    with Session(engine) as s:
+        d = s.get(Device, "dev-1")
+        assert d is not None and not d.online and d.last_seen == T0 + timedelta(seconds=6)
+
+
 def test_worker_writes_everything_queued_before_stop(engine: Engine) -> None:
     stats = IngestStats()
     worker = IngestWorker(engine, stats, queue_max=8, batch_max=3)
