@@ -71,10 +71,10 @@ class _Builder:
     windows: int = 0
     rejected: int = 0
 
-    def add_window(self, window: dict[str, Any]) -> None:
+    def add_window(self, window: dict[str, Any], where: str = "a window") -> None:
         self.windows += 1
         if window.get("input_pack"):
-            self.packs.add(window["input_pack"])
+            self.packs.add(window["input_pack"], where)
         sketches = dict(window.get("input_sketches") or {})
         if window.get("confidence"):
             sketches[CONFIDENCE_FEATURE] = window["confidence"]
@@ -188,6 +188,7 @@ def tile_new_telemetry(
     rows = src.exec(
         select(  # type: ignore[call-overload]  # sqlmodel types up to 4 columns
             TelemetryRecord.id,
+            TelemetryRecord.device_id,
             TelemetryRecord.model_name,
             TelemetryRecord.model_version,
             TelemetryRecord.window_end,
@@ -205,15 +206,18 @@ def tile_new_telemetry(
         reader.rollback()  # end the read snapshot
     groups: dict[tuple[str, int, datetime], _Builder] = defaultdict(_Builder)
     last_id = start_id
-    for row_id, name, version, end, received, window in rows:
+    for row_id, device_id, name, version, end, received, window in rows:
         last_id = max(last_id, int(row_id))
         if not name or version is None or not isinstance(window, dict):
             continue
         t = min(end, received) if received is not None else end
-        groups[(name, int(version), bucket_of(t, tile_s))].add_window(window)
+        where = f"telemetry row {row_id} from {device_id}"
+        groups[(name, int(version), bucket_of(t, tile_s))].add_window(window, where)
     merged: dict[tuple[str, int, datetime], dict[str, FeatureSketch]] = {}
     rejected = 0
     for key, builder in groups.items():
+        for error in builder.packs.errors:
+            log.warning("drift tiler skipped a sketch pack: %s", error)
         builder.merge_packs()
         rejected += builder.rejected
         merged[key] = {f: acc.sketch() for f, acc in builder.accs.items() if acc.windows}

@@ -22,7 +22,10 @@ from protocol.errors import SketchError
 from protocol.sketch import DEFAULT_K, FeatureSketch, SketchMerger
 from protocol.sketchpack import SketchPack, merge_packs, read_pack
 
-__all__ = ["PackBatch", "SketchAccumulator"]
+__all__ = ["MAX_ERRORS", "PackBatch", "SketchAccumulator"]
+
+#: reasons kept per batch for the log (the count covers the rest)
+MAX_ERRORS = 5
 
 
 @dataclass(slots=True)
@@ -96,16 +99,19 @@ class PackBatch:
 
     packs: list[SketchPack] = field(default_factory=list)
     rejected: int = 0
+    #: why the first few unreadable packs were refused ("<where>: <reason>")
+    errors: list[str] = field(default_factory=list)
 
-    def add(self, text: object) -> bool:
-        """Add one window's ``input_pack``; False (and counted) if it does not read."""
-        if not isinstance(text, str):
-            self.rejected += 1
-            return False
+    def add(self, text: object, where: str = "a window") -> bool:
+        """Add one window's ``input_pack``; False (counted, reason kept) if it does not read."""
         try:
+            if not isinstance(text, str):
+                raise SketchError(f"input_pack is a {type(text).__name__}, not a string")
             self.packs.append(read_pack(text))
-        except SketchError:
+        except SketchError as exc:
             self.rejected += 1
+            if len(self.errors) < MAX_ERRORS:
+                self.errors.append(f"{where}: {exc}")
             return False
         return True
 

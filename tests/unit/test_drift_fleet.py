@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlmodel import Session, select
 
 import fleet.drift.models as drift_models
@@ -153,7 +155,9 @@ def test_tiles_alerts_and_the_broken_device(tmp_path: Path) -> None:
     assert "edgefleet_fleet_drift_features {'model': 'm', 'version': '1'} 2" in text
 
 
-def test_bad_sketches_are_skipped_not_fatal(tmp_path: Path) -> None:
+def test_bad_sketches_are_skipped_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     engine, rng = _setup(tmp_path)
     with Session(engine) as s:
         window = _window(rng, 0.0, packed=False)
@@ -178,7 +182,10 @@ def test_bad_sketches_are_skipped_not_fatal(tmp_path: Path) -> None:
                 )
             )
         s.commit()
-        stats = tile_new_telemetry(s, tile_s=60, grace_s=0, now=T0 + timedelta(minutes=1))
+        with caplog.at_level(logging.WARNING, logger="fleet.drift.tiles"):
+            stats = tile_new_telemetry(s, tile_s=60, grace_s=0, now=T0 + timedelta(minutes=1))
+        # the log names the row, the device and what is wrong
+        assert "telemetry row 2 from dev0: sketch pack is not base64" in caplog.text
         # two bad JSON-form sketches, a pack that is not base64, one whose zlib is damaged
         assert stats.rows == 4 and stats.rejected_sketches == 4
         assert read_tiles(s, "m", 1, T0, T0 + timedelta(minutes=1)).sketches["x[0]"].count == 150
