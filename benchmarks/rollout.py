@@ -84,30 +84,15 @@ def _ingest(engine: Any, msgs: list[Any], now: datetime) -> None:
         session.commit()
 
 
-class Pipelined:
-    """What `FleetMqtt.publish_commands` would do (proposed; fleet/mqtt.py is not ours):
-    publish a whole batch on the fleet's own paho client, then wait for every PUBACK."""
+class OneByOne:
+    """The path before `FleetMqtt.publish_commands`: the outbox published each command with
+    `publish_command` (its own PUBACK wait) from a pool of threads."""
 
     def __init__(self, mqtt: FleetMqtt) -> None:
         self.mqtt = mqtt
 
     def publish_command(self, command: Any) -> None:
         self.mqtt.publish_command(command)
-
-    def publish_commands(self, commands: list[Any]) -> list[Exception | None]:
-        client = self.mqtt._client  # benchmark only: the proposal's body, outside its class
-        infos = [
-            client.publish(device_topic(c.device_id, Channel.COMMAND), encode_message(c), qos=1)
-            for c in commands
-        ]
-        out: list[Exception | None] = []
-        for info in infos:
-            try:
-                info.wait_for_publish(30)
-                out.append(None if info.is_published() else TimeoutError("no PUBACK"))
-            except (RuntimeError, ValueError) as exc:
-                out.append(exc)
-        return out
 
 
 def baseline(host: str, port: int, payloads: list[tuple[str, bytes]]) -> float:
@@ -189,7 +174,7 @@ def one_round(work: Path, devices: int, db_url: str | None, variant: str) -> dic
         if not mqtt.wait_connected(30):
             raise SystemExit("could not connect to the benchmark broker")
         try:
-            publisher: Any = Pipelined(mqtt) if variant == "pipelined" else mqtt
+            publisher: Any = mqtt if variant == "pipelined" else OneByOne(mqtt)
             runner = RolloutRunner(engine, settings, publisher, clock=clock)
             runner.tick()  # stage 0 goes out
             with Session(engine) as session:
@@ -280,8 +265,8 @@ def one_round(work: Path, devices: int, db_url: str | None, variant: str) -> dic
 
 
 VARIANTS = {
-    "threads": "FleetMqtt.publish_command, 64 threads (today's path)",
-    "pipelined": "batch on one client (proposed FleetMqtt.publish_commands)",
+    "threads": "FleetMqtt.publish_command, 64 threads (before)",
+    "pipelined": "FleetMqtt.publish_commands, a batch on one client (the outbox's path)",
 }
 
 

@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -84,6 +84,10 @@ class FleetMqtt:
             protocol=paho.MQTTv5,
         )
         self._credentials(commands)
+        # a rollout stage publishes thousands at once (publish_commands): keep 100 in
+        # flight and queue the rest in paho, instead of paho's default of 20
+        commands.max_inflight_messages_set(100)
+        commands.max_queued_messages_set(0)
         commands.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
         commands.on_connect = self._on_commands_connect
         self._commands = commands
@@ -192,6 +196,51 @@ class FleetMqtt:
                 f"MQTT broker {where} did not acknowledge the command within {timeout_s:g} s "
                 "(it may still be delivered)"
             )
+
+    def publish_commands(
+        self, commands: Sequence[DeployCommand | RollbackCommand]
+    ) -> list[Exception | None]:
+        """Publish a batch on the command connection, then wait for every PUBACK.
+
+        One result per command: None when acknowledged, else the error (the outbox keeps
+        that row and sends it again later; the device drops a repeated command id). The
+        rollout outbox uses this for a stage's commands: one client pipelines them (100 in
+        flight) instead of one thread per command waiting for its own PUBACK.
+        """
+        where = f"{self._settings.mqtt_host}:{self._settings.mqtt_port}"
+        if commands and not self._commands.is_connected():
+            self._commands_connected.wait(min(2.0, self._settings.publish_timeout_s))
+        if not self._commands.is_connected():
+            down = BrokerUnavailable(f"MQTT broker {where} is not connected; nothing was sent")
+            return [down for _ in commands]
+        infos: list[paho.MQTTMessageInfo | Exception] = []
+        for command in commands:
+            topic = device_topic(command.device_id, Channel.COMMAND)
+            try:
+                infos.append(self._commands.publish(topic, encode_message(command), qos=1))
+            except (RuntimeError, ValueError) as exc:
+                infos.append(BrokerUnavailable(f"MQTT broker {where} refused a command: {exc}"))
+        # the batch's time: the single-command timeout plus the broker's pace for the rest
+        deadline = time.monotonic() + self._settings.publish_timeout_s + 0.005 * len(commands)
+        out: list[Exception | None] = []
+        for info in infos:
+            if isinstance(info, Exception):
+                out.append(info)
+                continue
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                out.append(BrokerUnavailable(f"MQTT broker {where} refused a command: {exc}"))
+                continue
+            out.append(
+                None
+                if info.is_published()
+                else BrokerUnavailable(
+                    f"MQTT broker {where} did not acknowledge a command in time "
+                    "(it may still be delivered)"
+                )
+            )
+        return out
 
     # -- paho callbacks (network thread) --------------------------------------------------
     def _on_connect(
