@@ -67,6 +67,7 @@ class FleetMqtt:
         self.client_id = client_id or client_id_for_process(settings)
         self._connected = threading.Event()
         self._failed_attempts = 0
+        self._stopping = False
         # Telemetry and the control channels (status, heartbeat, presence) come in on two
         # connections, each with its own network thread: when telemetry backs up and its
         # thread blocks (back-pressure), a rollout's answers are still read, and the ingest
@@ -159,6 +160,7 @@ class FleetMqtt:
 
     def stop(self) -> None:
         """Disconnect and end the session at the broker (so nothing queues for a dead worker)."""
+        self._stopping = True
         try:
             for client in (self._client, self._control):
                 props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
@@ -290,7 +292,7 @@ class FleetMqtt:
         event = self._control_connected if _client is self._control else self._connected
         was = event.is_set()
         event.clear()
-        if was:
+        if was and not self._stopping:
             log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
