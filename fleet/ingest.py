@@ -422,10 +422,50 @@ def _ensure_devices(session: Session, dialect: str, device_ids: list[str], now: 
         log.info("device %s registered itself (profile unknown)", d)
 
 
+#: TelemetryRecord's columns as ingest fills them (the window as its received JSON text)
+_WINDOW_COLUMNS = (
+    "device_id", "stream_id", "seq", "window_start", "window_end", "received_at",
+    "bundle_sha256", "model_name", "model_version", "inference_count", "error_count",
+    "latency_count", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "window",
+)  # fmt: skip
+_STAGING = "edgefleet_window_in"
+
+
+def _insert_windows_copy(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, str, int]]:
+    """PostgreSQL with psycopg: COPY the rows into a temporary table, then one
+    INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING.
+
+    A multi-row INSERT with 17 parameters per row cost the fleet ~0.3 ms of CPU per window
+    in psycopg alone (it rewrites a query of thousands of placeholders for every batch);
+    COPY sends the rows as data. Same transaction, same result as `_insert_windows`.
+    """
+    driver = session.connection().connection.driver_connection
+    cols = ", ".join(f'"{c}"' for c in _WINDOW_COLUMNS)
+    with driver.cursor() as cur:
+        cur.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} "
+            f"(LIKE telemetryrecord INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        with cur.copy(f"COPY {_STAGING} ({cols}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(
+                    [row["window_json"] if c == "window" else row[c] for c in _WINDOW_COLUMNS]
+                )
+        cur.execute(
+            f"INSERT INTO telemetryrecord ({cols}) SELECT {cols} FROM {_STAGING} "
+            "ON CONFLICT DO NOTHING RETURNING device_id, stream_id, seq"
+        )
+        inserted = {(d, s, int(q)) for d, s, q in cur.fetchall()}
+        cur.execute(f"DELETE FROM {_STAGING}")  # a transaction may store several runs
+    return inserted
+
+
 def _insert_windows(
     session: Session, dialect: str, rows: list[dict[str, Any]]
 ) -> set[tuple[str, str, int]]:
     """Insert what is new; return the keys that were inserted (the rest were duplicates)."""
+    if dialect == "postgresql" and session.get_bind().dialect.driver == "psycopg":
+        return _insert_windows_copy(session, rows)
     table = TelemetryRecord.__table__  # type: ignore[attr-defined]
     raw = bindparam("window_json", type_=Text())
     # the JSON column takes the received text as it is (PostgreSQL needs the cast to json)
