@@ -140,31 +140,36 @@ class _Lanes:
             collections.deque(),
         )
         self._max = (control_maxsize, maxsize)
-        self._cond = threading.Condition()
+        # one lock; the reader waits on "not empty", each lane's producers on "not full"
+        # (as queue.Queue does: a put wakes only the reader, a get only its lane's producer)
+        self._mutex = threading.Lock()
+        self._not_empty = threading.Condition(self._mutex)
+        self._not_full = (threading.Condition(self._mutex), threading.Condition(self._mutex))
 
     def put(self, item: object, *, control: bool) -> None:
         lane = 0 if control else 1
-        with self._cond:
+        with self._not_full[lane]:
             while len(self._lanes[lane]) >= self._max[lane]:
-                self._cond.wait()
+                self._not_full[lane].wait()
             self._lanes[lane].append(item)
-            self._cond.notify_all()
+            self._not_empty.notify()
 
     def get(self, timeout: float | None = None) -> object:
         """The next item (control first); raises queue.Empty after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._not_empty:
             while not (self._lanes[0] or self._lanes[1]):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise queue.Empty
-                self._cond.wait(remaining)
-            item = (self._lanes[0] or self._lanes[1]).popleft()
-            self._cond.notify_all()
+                self._not_empty.wait(remaining)
+            lane = 0 if self._lanes[0] else 1
+            item = self._lanes[lane].popleft()
+            self._not_full[lane].notify()
             return item
 
     def qsize(self) -> int:
-        with self._cond:
+        with self._mutex:
             return len(self._lanes[0]) + len(self._lanes[1])
 
 
