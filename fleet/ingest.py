@@ -305,7 +305,11 @@ def _update_reported_bundle(device: Device, msg: StatusEvent, session: Session) 
 
 
 def store_telemetry(
-    items: Sequence[tuple[TelemetryWindow, bytes]], session: Session, now: datetime
+    items: Sequence[tuple[TelemetryWindow, bytes]],
+    session: Session,
+    now: datetime,
+    *,
+    registered: bool = False,
 ) -> list[IngestResult]:
     """Store decoded windows with their wire bytes: a few statements for the whole batch.
 
@@ -355,7 +359,8 @@ def store_telemetry(
     session.flush()  # devices and events added through the ORM come first (foreign keys)
     dialect = session.get_bind().dialect.name
     device_ids = sorted({row["device_id"] for row in rows})
-    _ensure_devices(session, dialect, device_ids, now)
+    if not registered:  # the worker registers a whole batch's devices up front
+        _ensure_devices(session, dialect, device_ids, now)
     inserted = _insert_windows(session, dialect, rows)
     for i, row in zip(row_of, rows, strict=True):
         msg = items[i][0]

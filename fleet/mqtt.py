@@ -176,28 +176,9 @@ class FleetMqtt:
 
     def publish_command(self, command: DeployCommand | RollbackCommand) -> None:
         """Publish with QoS 1 and wait for PUBACK; raise BrokerUnavailable otherwise."""
-        where = f"{self._settings.mqtt_host}:{self._settings.mqtt_port}"
-        # paho would queue a message while disconnected and send it after reconnecting; a
-        # command we report as failed must not arrive later, so refuse up front.
-        if not self._commands.is_connected():
-            # just started: the command connection may be a moment behind the ingest one
-            self._commands_connected.wait(min(2.0, self._settings.publish_timeout_s))
-        if not self._commands.is_connected():
-            raise BrokerUnavailable(
-                f"MQTT broker {where} is not connected; the command was not sent"
-            )
-        topic = device_topic(command.device_id, Channel.COMMAND)
-        info = self._commands.publish(topic, encode_message(command), qos=1)
-        timeout_s = self._settings.publish_timeout_s
-        try:
-            info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError) as exc:
-            raise BrokerUnavailable(f"MQTT broker {where} refused the command: {exc}") from exc
-        if not info.is_published():
-            raise BrokerUnavailable(
-                f"MQTT broker {where} did not acknowledge the command within {timeout_s:g} s "
-                "(it may still be delivered)"
-            )
+        [error] = self.publish_commands([command])
+        if error is not None:
+            raise error
 
     def publish_commands(
         self, commands: Sequence[DeployCommand | RollbackCommand]
@@ -210,6 +191,9 @@ class FleetMqtt:
         flight) instead of one thread per command waiting for its own PUBACK.
         """
         where = f"{self._settings.mqtt_host}:{self._settings.mqtt_port}"
+        # paho would queue a message while disconnected and send it after reconnecting; a
+        # command we report as failed must not arrive later, so refuse up front. Just
+        # started: the command connection may be a moment behind the ingest one.
         if commands and not self._commands.is_connected():
             self._commands_connected.wait(min(2.0, self._settings.publish_timeout_s))
         if not self._commands.is_connected():

@@ -94,7 +94,8 @@ def _apply_decoded(
 
     def flush_windows() -> None:
         if windows:
-            for i, result in zip(window_at, store_telemetry(windows, session, now), strict=True):
+            stored = store_telemetry(windows, session, now, registered=True)
+            for i, result in zip(window_at, stored, strict=True):
                 results[i] = result
             windows.clear()
             window_at.clear()

@@ -36,7 +36,7 @@ import numpy as np
 
 from protocol.errors import SketchError
 from protocol.limits import MAX_FEATURES, MAX_SKETCH_BYTES
-from protocol.sketch import DEFAULT_K, FeatureSketch, SketchMerger, SketchWire
+from protocol.sketch import DEFAULT_K, FeatureSketch, SketchMerger
 
 __all__ = [
     "MAX_PACK_BYTES",
@@ -44,7 +44,6 @@ __all__ = [
     "SketchPack",
     "merge_packs",
     "pack_sketches",
-    "pack_wires",
     "read_pack",
 ]
 
@@ -98,11 +97,6 @@ def pack_sketches(
     return base64.b64encode(zlib.compress(head + _shuffle(payload), level)).decode("ascii")
 
 
-def pack_wires(wires: Mapping[str, SketchWire]) -> str:
-    """The pack of sketches given in the per-feature JSON form (each checked)."""
-    return pack_sketches({name: FeatureSketch.from_wire(w) for name, w in wires.items()})
-
-
 @dataclass(frozen=True, slots=True)
 class SketchPack:
     """A read pack: names, NaN counts and each sketch's bytes (offsets into ``payload``)."""
@@ -133,9 +127,6 @@ class SketchPack:
 
     def sketches(self) -> dict[str, FeatureSketch]:
         return {name: self.sketch(i) for i, name in enumerate(self.names)}
-
-    def to_wires(self) -> dict[str, SketchWire]:
-        return {name: s.to_wire() for name, s in self.sketches().items()}
 
 
 def merge_packs(packs: Sequence[SketchPack], mergers: dict[str, SketchMerger]) -> int:
