@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 from datasketches import kll_floats_sketch
+from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -485,50 +486,55 @@ class SketchMerger:
         Returns which ones were taken; the others (a different layout, or inconsistent)
         are left for the one-by-one path, which accepts them or says what is wrong.
         """
-        head = words[at[:, None] + np.arange(_HEAD_WORDS + _MANY_LEVELS)]
+        head = words[at[:, None] + np.arange(_HEAD_WORDS)]
         w0 = head[:, 0]
         pre, fam, flags = w0 & 0xFF, (w0 >> 16) & 0xFF, w0 >> 24
         k, m = head[:, 1] & 0xFFFF, (head[:, 1] >> 16) & 0xFF
         n = head[:, 2].astype(np.int64) | (head[:, 3].astype(np.int64) << 32)
         levels = ((head[:, 4] >> 16) & 0xFF).astype(np.int64)
+        n_items = size - (_HEAD_WORDS + 2) - levels
         ok: np.ndarray = (
             (pre == 5) & (fam == _KLL_FAMILY) & (m == 8) & (k == self.k) & (n > 0)
             & ((flags & (_FLAG_EMPTY | _FLAG_SINGLE)) == 0)
             & (levels >= 1) & (levels <= _MANY_LEVELS) & (head[:, 3] >> 31 == 0)
+            & (n_items > 0)
         )  # fmt: skip
-        n_items = size - (_HEAD_WORDS + 2) - levels
-        ok &= n_items > 0
-        # level offsets (relative to level 0), then the item count closes the last level
-        cols = np.arange(_MANY_LEVELS + 1)
-        offs = head[:, _HEAD_WORDS : _HEAD_WORDS + _MANY_LEVELS].astype(np.int64)
-        offs = np.concatenate([offs, np.zeros((offs.shape[0], 1), np.int64)], axis=1)
-        offs -= offs[:, :1]
-        offs = np.where(cols < levels[:, None], offs, n_items[:, None])
-        sizes = np.diff(offs, axis=1)
-        ok &= (sizes >= 0).all(axis=1)
-        ok &= (sizes << np.arange(_MANY_LEVELS)).sum(axis=1) == n
-        if not ok.any():
-            return ok
-        at, levels, n_items, sizes = at[ok], levels[ok], n_items[ok], sizes[ok]
+        # one level (a device window of up to k values): its items are its n values
+        ok &= (levels > 1) | (n_items == n)
         first = at + _HEAD_WORDS + levels  # min and max, then the items
-        bounds = words[np.stack([first, first + 1], axis=1)].view("<f4")
+        cand = np.flatnonzero(ok)
+        bounds = words[np.stack([first[cand], first[cand] + 1], axis=1)].view("<f4")
         good = np.isfinite(bounds).all(axis=1) & (bounds[:, 0] <= bounds[:, 1])
-        if not good.all():
-            ok[np.flatnonzero(ok)[~good]] = False
-            at, n_items, sizes, bounds = at[good], n_items[good], sizes[good], bounds[good]
-            first = first[good]
-        total = int(n_items.sum())
-        # word index of every item: start of its run plus its place in the run
-        run_at = np.repeat(first + 2 - (np.cumsum(n_items) - n_items), n_items)
-        values = words[run_at + np.arange(total)].view("<f4")
-        if sizes[:, 1:].any():
+        ok[cand[~good]] = False
+        multi = np.flatnonzero(ok & (levels > 1))
+        sizes = np.zeros((0, _MANY_LEVELS), np.int64)
+        if multi.size:
+            # level offsets (relative to level 0), then the item count closes the last level
+            offs = words[at[multi, None] + _HEAD_WORDS + np.arange(_MANY_LEVELS)].astype(np.int64)
+            offs = np.concatenate([offs, np.zeros((multi.size, 1), np.int64)], axis=1)
+            offs -= offs[:, :1]
+            cols = np.arange(_MANY_LEVELS + 1)
+            offs = np.where(cols < levels[multi, None], offs, n_items[multi, None])
+            sizes = np.diff(offs, axis=1)
+            fits = (sizes >= 0).all(axis=1)
+            fits &= (sizes << np.arange(_MANY_LEVELS)).sum(axis=1) == n[multi]
+            ok[multi[~fits]] = False
+            multi, sizes = multi[fits], sizes[fits]
+        single = np.flatnonzero(ok & (levels == 1))
+        for run in _gather_runs(words, first[single] + 2, n_items[single]):
+            self.add_level(0, run.ravel().view("<f4"))
+        if multi.size:
+            total = int(n_items[multi].sum())
+            # word index of every item: start of its run plus its place in the run
+            runs = n_items[multi]
+            run_at = np.repeat(first[multi] + 2 - (np.cumsum(runs) - runs), runs)
+            values = words[run_at + np.arange(total)].view("<f4")
             height = np.repeat(np.tile(np.arange(_MANY_LEVELS), len(sizes)), sizes.ravel())
             for h in np.unique(height).tolist():
                 self.add_level(h, values[height == h])
-        else:
-            self.add_level(0, values)
-        self.add_bounds(bounds[:, 0].astype(np.float64), bounds[:, 1].astype(np.float64))
-        self.sketches += len(at)
+        taken = bounds[ok[cand]].astype(np.float64)
+        self.add_bounds(taken[:, 0], taken[:, 1])
+        self.sketches += int(np.count_nonzero(ok))
         return ok
 
     def add_sketch(self, sketch: FeatureSketch) -> None:
@@ -581,6 +587,24 @@ class SketchMerger:
             out.merge(self._base)
         out.nan_count = nan + (self._base.nan_count if self._base is not None else 0)
         return out
+
+
+def _gather_runs(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """``words[s : s + n]`` for every run, as a few 2-D blocks (runs grouped by length).
+
+    Runs of one length are rows of a sliding-window view of ``words``, so a group is one
+    fancy index of whole rows (a memcpy each) instead of an index per item: ~13x faster
+    for 10,000 windows of 60 values than building the item index with ``np.repeat``.
+    """
+    if starts.size == 0:
+        return []
+    order = np.argsort(lengths, kind="stable")
+    cuts = np.flatnonzero(np.diff(lengths[order])) + 1
+    blocks = []
+    for group in np.split(order, cuts):
+        n = int(lengths[group[0]])
+        blocks.append(sliding_window_view(words, n)[starts[group]])
+    return blocks
 
 
 def _compact_to_kll(
