@@ -31,7 +31,7 @@ from protocol.messages import (
     TelemetryWindow,
 )
 from protocol.sketch import FeatureSketch, SketchBank, SketchWire
-from protocol.sketchpack import pack_sketches
+from protocol.sketchpack import is_compressed, pack_sketches
 
 __all__ = [
     "FLUSH_ROWS",
@@ -127,8 +127,8 @@ class _ModelWindow:
             self.confidence.update(_softmax_max(y))
         self._rows = 0
 
-    def input_pack(self, *, compress: bool = True) -> str | None:
-        """All input feature sketches in one `protocol.sketchpack` string (None: none)."""
+    def input_pack(self, *, compress: bool = False) -> bytes | None:
+        """All input feature sketches in one `protocol.sketchpack` pack (None: none)."""
         sketches: dict[str, FeatureSketch] = {}
         for _, bank in self._extractors:
             sketches.update(bank.sketches)
@@ -147,7 +147,7 @@ class ClosedWindow:
     inference_count: int
     error_counts: dict[str, int]
     latency_ms: SketchWire | None
-    input_pack: str | None
+    input_pack: bytes | None
     output_class_counts: list[int]
     confidence: SketchWire | None
     system: SystemReading
@@ -204,7 +204,7 @@ class TelemetryRecorder:
             Callable[[str | None], tuple[LabelReport | None, ConfidenceSums | None]] | None
         ) = None,
         cpu_clock: Callable[[], float] = time.process_time,
-        compress_sketches: bool = True,
+        compress_sketches: bool = False,
     ) -> None:
         self.window_s = window_s
         #: zlib the window's sketch pack (~20% fewer bytes on the link; the fleet inflates)
@@ -380,7 +380,9 @@ def merge_window_payloads(older: bytes, newer: bytes) -> bytes | None:
             "error_counts": errors,
             "latency_ms": merged(a.latency_ms, b.latency_ms),
             "input_sketches": {},
-            "input_pack": pack_sketches(inputs) if inputs else None,
+            "input_pack": (
+                pack_sketches(inputs, compress=is_compressed(a.input_pack)) if inputs else None
+            ),
             "output_class_counts": classes,
             "confidence": merged(a.confidence, b.confidence),
             "merged_windows": a.merged_windows + b.merged_windows,

@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 sys.path.insert(0, str(ROOT))
 
+from protocol.messages import decode_message, split_telemetry_frame  # noqa: E402
+
 DIGITS = ROOT / "models" / "digits"
 DEVICE = "bench-dev"
 
@@ -162,7 +164,7 @@ def overhead(tmp: Path, name: str, model: Path, x: np.ndarray, rounds: int, n: i
     agent.tick(now=agent.clock() + 7200)
     tele = agent.transport.on("/telemetry")
     window_bytes = len(tele[-1]) if tele else None
-    features = len(json.loads(tele[-1])["input_sketches"]) if tele else None
+    features = len(decode_message(tele[-1]).sketches()) if tele else None
     agent.stop()
     b, s, a = statistics.median(bare), statistics.median(served), statistics.median(api)
     ratios = [sv / bb for sv, bb in zip(served, bare, strict=True)]
@@ -318,7 +320,7 @@ def outage(tmp: Path, outage_s: float, steady_s: float) -> dict[str, Any]:
 
     def on_message(_c: Any, _u: Any, m: Any) -> None:
         nonlocal merged
-        w = json.loads(m.payload)
+        w = json.loads(split_telemetry_frame(bytes(m.payload))[0])
         with lock:
             k = (w["stream_id"], w["seq"])
             seen[k] = seen.get(k, 0) + 1

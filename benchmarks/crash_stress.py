@@ -29,6 +29,7 @@ Writes a markdown table and benchmarks/results/crash_stress.json.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import json
 import os
@@ -48,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # shadow the agent package: put the repository root there instead.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 sys.path.insert(0, str(ROOT))
+
+from protocol.messages import split_telemetry_frame  # noqa: E402
 
 DEVICE = "crash-dev"
 CHUNK = 4096
@@ -82,7 +85,9 @@ class JsonlTransport:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         self._mid += 1
         with open(self.path, "a") as f:
-            f.write(json.dumps({"topic": topic, "payload": payload.decode()}) + "\n")
+            # base64: a telemetry window is a binary frame (JSON + its sketch pack)
+            f.write(json.dumps({"topic": topic, "payload": base64.b64encode(payload).decode()}))
+            f.write("\n")
         if self.hooks:
             self.hooks.on_acked(self._mid)
         return self._mid
@@ -159,7 +164,8 @@ def _published(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-            out.append({"topic": rec["topic"], **json.loads(rec["payload"])})
+            text, _ = split_telemetry_frame(base64.b64decode(rec["payload"]))
+            out.append({"topic": rec["topic"], **json.loads(text)})
         except (ValueError, KeyError):
             continue  # a line torn by the kill
     return out

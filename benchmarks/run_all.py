@@ -303,10 +303,14 @@ def _drift(d: dict[str, Any]) -> Iterator[Figure]:
             ok=(r.get("ours", 0) >= 0.95) if goal else None,
         )
     for r in d.get("sizes", []):
-        wire = r.get("pack_zlib_bytes", r.get("wire_json_bytes"))
+        framed = "pack_base64_zlib_bytes" in r  # since packs travel as raw bytes in a frame
+        wire = r.get("pack_bytes" if framed else "pack_zlib_bytes", r.get("wire_json_bytes"))
         yield Figure(
             benchmark="drift",
-            figure=f"wire bytes per feature, pack+zlib ({r['values']} values)",
+            figure=(
+                f"wire bytes per feature, {'pack in a frame' if framed else 'pack+zlib'} "
+                f"({r['values']} values)"
+            ),
             value=_n(wire),
             baseline=f"{_n(r.get('wire_json_bytes'))} JSON form, {_n(r.get('kll_bytes'))} KLL",
             goal="<= 3072",

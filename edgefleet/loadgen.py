@@ -58,6 +58,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    TELEMETRY_MAGIC,
     DeployCommand,
     Heartbeat,
     InstallState,
@@ -225,6 +226,7 @@ class WindowTemplate:
         confidence = FeatureSketch.of(rng.beta(8.0, 1.5, size=rows))
         classes = np.bincount(rng.integers(0, 10, size=rows), minlength=10).tolist()
         now = time.time()
+        pack = pack_sketches(bank.sketches)  # uncompressed, as agents send by default
         window = TelemetryWindow(
             device_id="template",
             seq=0,
@@ -233,7 +235,7 @@ class WindowTemplate:
             inference_count=rows,
             error_counts={},
             latency_ms=latency.to_wire(),
-            input_pack=pack_sketches(bank.sketches),
+            input_pack=pack,
             output_class_counts=classes,
             confidence=confidence.to_wire(),
             cpu_temp_c=48.5,
@@ -241,11 +243,12 @@ class WindowTemplate:
             mem_rss_bytes=61_440_000,
         )
         encode_message(window)  # the size limit applies to the template, so to every copy
-        fields = window.model_dump(mode="json")
+        fields = window.model_dump(mode="json", exclude={"input_pack"})
         for name in _VARYING:
             fields.pop(name, None)
         body = json.dumps(fields, separators=(",", ":"))
         self._rest = body[1:-1].encode("utf-8")  # without the braces
+        self._pack = pack
         self.rows = rows
         self.features = features
 
@@ -261,7 +264,7 @@ class WindowTemplate:
         model_name: str | None = None,
         model_version: int | None = None,
     ) -> bytes:
-        """One window's wire bytes (valid `TelemetryWindow` JSON)."""
+        """One window's wire bytes (a telemetry frame, as agents send)."""
         end = _iso(window_end)
         head = (
             f'{{"device_id":"{device_id}","message_id":"{secrets.token_hex(16)}",'
@@ -269,7 +272,8 @@ class WindowTemplate:
             f'"window_end":"{end}","sent_at":"{end}","bundle_sha256":{_json(bundle_sha256)},'
             f'"model_name":{_json(model_name)},"model_version":{_json(model_version)},'
         )
-        return head.encode("utf-8") + self._rest + b"}"
+        text = head.encode("utf-8") + self._rest + b"}"
+        return TELEMETRY_MAGIC + len(text).to_bytes(4, "big") + text + self._pack
 
 
 @dataclass(slots=True)

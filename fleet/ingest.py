@@ -33,6 +33,7 @@ from protocol.messages import (
     StatusEvent,
     TelemetryWindow,
     decode_message,
+    split_telemetry_frame,
 )
 from protocol.sketch import wire_quantiles
 from protocol.topics import Channel, parse_topic
@@ -317,7 +318,8 @@ def store_telemetry(
     CONFLICT DO NOTHING RETURNING (a redelivered window is a duplicate, not an error), one
     INSERT for devices not seen before, one UPDATE marking the devices seen. The window is
     stored as the bytes received (already validated), not re-serialized: re-dumping a
-    64-sketch window cost more than decoding it.
+    64-sketch window cost more than decoding it. A telemetry frame's JSON goes to the
+    ``window`` column and its sketch pack, as raw bytes, to ``input_pack``.
     """
     results: list[IngestResult | None] = [None] * len(items)
     rows: list[dict[str, Any]] = []
@@ -350,7 +352,8 @@ def store_telemetry(
                 "latency_p50_ms": p50,
                 "latency_p95_ms": p95,
                 "latency_p99_ms": p99,
-                "window_json": raw.decode("utf-8"),
+                "window_json": split_telemetry_frame(raw)[0].decode("utf-8"),
+                "input_pack": msg.input_pack if isinstance(msg.input_pack, bytes) else None,
             }
         )
         row_of.append(i)
@@ -432,6 +435,7 @@ _WINDOW_COLUMNS = (
     "device_id", "stream_id", "seq", "window_start", "window_end", "received_at",
     "bundle_sha256", "model_name", "model_version", "inference_count", "error_count",
     "latency_count", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "window",
+    "input_pack",
 )  # fmt: skip
 _STAGING = "edgefleet_window_in"
 

@@ -11,7 +11,16 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import StringConstraints, model_validator
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -214,8 +223,11 @@ class TelemetryRecord(SQLModel, table=True):
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
-    #: the whole window as received (sketches included) for later merging and drift
+    #: the window's JSON as received, for later merging and drift (without its sketch pack
+    #: when it came in a telemetry frame; a JSON-form window keeps its base64 pack in here)
     window: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    #: the input sketch pack of a framed window, its bytes as received (`protocol.sketchpack`)
+    input_pack: bytes | None = Field(default=None, sa_type=LargeBinary)
 
 
 # -- deployments and commands -------------------------------------------------------------

@@ -106,7 +106,7 @@ def _windows(
     end: datetime,
     device_ids: Collection[str] | None = None,
 ) -> dict[str, _Builder]:
-    q = select(TelemetryRecord.device_id, TelemetryRecord.window).where(
+    q = select(TelemetryRecord.device_id, TelemetryRecord.window, TelemetryRecord.input_pack).where(
         TelemetryRecord.model_name == name,
         col(TelemetryRecord.window_end) >= start,
         col(TelemetryRecord.window_end) < end,
@@ -115,11 +115,11 @@ def _windows(
         q = q.where(TelemetryRecord.model_version == version)
     wanted = set(device_ids) if device_ids is not None else None
     per_device: dict[str, _Builder] = defaultdict(_Builder)
-    for device_id, window in session.exec(q):
+    for device_id, window, pack in session.exec(q):
         if wanted is not None and device_id not in wanted:
             continue
         if isinstance(window, dict):
-            per_device[device_id].add_window(window)
+            per_device[device_id].add_window(window, pack=pack)
     return per_device
 
 

@@ -71,10 +71,13 @@ class _Builder:
     windows: int = 0
     rejected: int = 0
 
-    def add_window(self, window: dict[str, Any], where: str = "a window") -> None:
+    def add_window(
+        self, window: dict[str, Any], where: str = "a window", pack: bytes | None = None
+    ) -> None:
+        """One stored window: its JSON and, if it came in a frame, its pack's bytes."""
         self.windows += 1
-        if window.get("input_pack"):
-            self.packs.add(window["input_pack"], where)
+        if pack or window.get("input_pack"):
+            self.packs.add(pack or window["input_pack"], where)
         sketches = dict(window.get("input_sketches") or {})
         if window.get("confidence"):
             sketches[CONFIDENCE_FEATURE] = window["confidence"]
@@ -112,11 +115,12 @@ class _Builder:
         )
 
 
-def bank_from_windows(windows: Iterable[dict[str, Any]]) -> Bank:
-    """Merge raw telemetry windows (TelemetryRecord.window JSON) into one bank."""
+def bank_from_windows(windows: Iterable[tuple[dict[str, Any], bytes | None]]) -> Bank:
+    """Merge stored telemetry windows into one bank: (``TelemetryRecord.window`` JSON,
+    ``TelemetryRecord.input_pack``) pairs."""
     b = _Builder()
-    for w in windows:
-        b.add_window(w)
+    for window, pack in windows:
+        b.add_window(window, pack=pack)
     return b.bank()
 
 
@@ -194,6 +198,7 @@ def tile_new_telemetry(
             TelemetryRecord.window_end,
             TelemetryRecord.received_at,
             TelemetryRecord.window,
+            TelemetryRecord.input_pack,
         )
         .where(
             col(TelemetryRecord.id) > start_id,
@@ -206,13 +211,13 @@ def tile_new_telemetry(
         reader.rollback()  # end the read snapshot
     groups: dict[tuple[str, int, datetime], _Builder] = defaultdict(_Builder)
     last_id = start_id
-    for row_id, device_id, name, version, end, received, window in rows:
+    for row_id, device_id, name, version, end, received, window, pack in rows:
         last_id = max(last_id, int(row_id))
         if not name or version is None or not isinstance(window, dict):
             continue
         t = min(end, received) if received is not None else end
         where = f"telemetry row {row_id} from {device_id}"
-        groups[(name, int(version), bucket_of(t, tile_s))].add_window(window, where)
+        groups[(name, int(version), bucket_of(t, tile_s))].add_window(window, where, pack)
     merged: dict[tuple[str, int, datetime], dict[str, FeatureSketch]] = {}
     rejected = 0
     for key, builder in groups.items():

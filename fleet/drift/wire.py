@@ -102,12 +102,13 @@ class PackBatch:
     #: why the first few unreadable packs were refused ("<where>: <reason>")
     errors: list[str] = field(default_factory=list)
 
-    def add(self, text: object, where: str = "a window") -> bool:
-        """Add one window's ``input_pack``; False (counted, reason kept) if it does not read."""
+    def add(self, data: object, where: str = "a window") -> bool:
+        """Add one window's pack (bytes, or base64 text from a JSON-form window); False
+        (counted, reason kept) if it does not read."""
         try:
-            if not isinstance(text, str):
-                raise SketchError(f"input_pack is a {type(text).__name__}, not a string")
-            self.packs.append(read_pack(text))
+            if not isinstance(data, bytes | str):
+                raise SketchError(f"input_pack is a {type(data).__name__}, not bytes or text")
+            self.packs.append(read_pack(data))
         except SketchError as exc:
             self.rejected += 1
             if len(self.errors) < MAX_ERRORS:

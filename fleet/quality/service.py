@@ -145,12 +145,14 @@ def cost_report(
     by_profile: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for d, w in rows:
         by_profile.setdefault(profiles.get(d) or "unknown", []).append((d, w))
-    # payload sizes: the stored window is the exact bytes received at ingest
+    # payload sizes: the stored window is the exact bytes received at ingest (its JSON, and
+    # a framed window's sketch pack; the frame's 8-byte header is not counted)
+    stored_bytes = func.length(cast(TelemetryRecord.window, Text)) + func.coalesce(
+        func.length(TelemetryRecord.input_pack), 0
+    )
     sizes = dict(
         session.exec(
-            select(
-                TelemetryRecord.device_id, func.sum(func.length(cast(TelemetryRecord.window, Text)))
-            )
+            select(TelemetryRecord.device_id, func.sum(stored_bytes))
             .where(
                 TelemetryRecord.model_name == model,
                 TelemetryRecord.model_version == version,

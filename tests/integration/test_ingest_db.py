@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import func
 from sqlmodel import Session, select
@@ -14,7 +15,11 @@ from fleet.ingest import IngestStats, Outcome
 from fleet.models import Device, TelemetryRecord
 from fleet.worker import ingest_batch
 from protocol.messages import Presence, encode_message
+from protocol.sketch import FeatureSketch
+from protocol.sketchpack import pack_sketches
 from tests.unit.test_fleet_ingest import heartbeat, telemetry, topic_of
+
+PACK = pack_sketches({f"f{i}": FeatureSketch.of(np.arange(i, i + 40.0)) for i in range(64)})
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -41,7 +46,7 @@ def test_batches_store_each_window_once_and_name_the_duplicates(db_url: str) -> 
             _item(telemetry(6, device_id="dev-0")),
             _item(heartbeat(device_id="dev-1")),
             _item(telemetry(0, device_id="dev-0")),  # stored by the first batch
-            _item(telemetry(7, device_id="dev-9")),
+            _item(telemetry(7, device_id="dev-9", input_pack=PACK)),  # a telemetry frame
             _item(Presence(device_id="dev-9", online=False)),
         ]
         r1 = ingest_batch(engine, first, stats)
@@ -56,6 +61,12 @@ def test_batches_store_each_window_once_and_name_the_duplicates(db_url: str) -> 
             row = s.exec(select(TelemetryRecord).where(TelemetryRecord.seq == 7)).one()
             assert row.device_id == "dev-9" and row.latency_p95_ms == pytest.approx(95, abs=2)
             assert row.window["device_id"] == "dev-9" and row.window_end.tzinfo is not None
+            # the frame's JSON in ``window``, its pack's bytes as they came in ``input_pack``
+            assert row.input_pack == PACK and "input_pack" not in row.window
+            assert (
+                s.exec(select(TelemetryRecord.input_pack).where(TelemetryRecord.seq == 6)).one()
+                is None
+            )
             dev9 = s.get(Device, "dev-9")
             assert dev9 is not None and dev9.auto_registered and not dev9.online
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import tarfile
@@ -45,16 +46,22 @@ def _baseline_bundle(tmp_path: Path, rng: np.random.Generator) -> Path:
     return path
 
 
-def _window(rng: np.random.Generator, shift: float, rows: int = 150, packed: bool = True) -> dict:
-    """A stored window; ``packed`` False: the per-feature JSON form of older agents."""
+def _window(
+    rng: np.random.Generator, shift: float, rows: int = 150, form: str = "frame"
+) -> tuple[dict, bytes | None]:
+    """A stored window (its JSON, its pack column) as ingest stores each form: "frame" (the
+    pack's bytes in their own column), "text" (a JSON-form window with the base64 pack),
+    "json" (per-feature sketch objects, agents before the pack)."""
     bank = SketchBank(FEATURES)
     bank.update_rows(rng.normal(shift, 1.0, size=(rows, 2)))
-    sketches = (
-        {"input_pack": pack_sketches(bank.sketches)}
-        if packed
-        else {"input_sketches": {k: w.model_dump(mode="json") for k, w in bank.to_wire().items()}}
-    )
-    return {**sketches, "output_class_counts": [rows // 2, rows - rows // 2]}
+    window: dict = {"output_class_counts": [rows // 2, rows - rows // 2]}
+    if form == "json":
+        window["input_sketches"] = {k: w.model_dump(mode="json") for k, w in bank.to_wire().items()}
+        return window, None
+    pack = pack_sketches(bank.sketches, compress=rng.random() < 0.5)
+    if form == "text":
+        return {**window, "input_pack": base64.b64encode(pack).decode()}, None
+    return window, pack
 
 
 def _setup(tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -85,6 +92,7 @@ def _ingest(engine, rng, minute: int, shift_of) -> None:  # type: ignore[no-unty
     with Session(engine) as s:
         for d in range(6):
             end = T0 + timedelta(minutes=minute, seconds=30)
+            window, pack = _window(rng, shift_of(d), form=("frame", "text", "json")[d % 3])
             s.add(
                 TelemetryRecord(
                     device_id=f"dev{d}",
@@ -96,7 +104,8 @@ def _ingest(engine, rng, minute: int, shift_of) -> None:  # type: ignore[no-unty
                     model_name="m",
                     model_version=1,
                     inference_count=150,
-                    window=_window(rng, shift_of(d), packed=d % 2 == 0),  # both forms
+                    window=window,
+                    input_pack=pack,
                 )
             )
         s.commit()
@@ -160,14 +169,18 @@ def test_bad_sketches_are_skipped_not_fatal(
 ) -> None:
     engine, rng = _setup(tmp_path)
     with Session(engine) as s:
-        window = _window(rng, 0.0, packed=False)
+        window, _ = _window(rng, 0.0, form="json")
         window["input_sketches"]["x[0]"]["data"] = "AAAA"
         window["input_sketches"]["x[1]"] = "not a sketch"
-        good = _window(rng, 0.0)
-        packed = good["input_pack"]
-        for seq, w in enumerate(
-            [window, {"input_pack": "!!!"}, {"input_pack": packed[:-8] + "AAAAAAAA"}, good]
-        ):
+        good, packed = _window(rng, 0.0)
+        assert packed is not None
+        rows: list[tuple[dict, bytes | None]] = [
+            (window, None),
+            ({"input_pack": "!!!"}, None),
+            ({}, packed[:-8]),  # cut short: its table (or zlib stream) says so
+            (good, packed),
+        ]
+        for seq, (w, pack) in enumerate(rows):
             s.add(
                 TelemetryRecord(
                     device_id="dev0",
@@ -179,6 +192,7 @@ def test_bad_sketches_are_skipped_not_fatal(
                     model_name="m",
                     model_version=1,
                     window=w,
+                    input_pack=pack,
                 )
             )
         s.commit()
@@ -186,7 +200,7 @@ def test_bad_sketches_are_skipped_not_fatal(
             stats = tile_new_telemetry(s, tile_s=60, grace_s=0, now=T0 + timedelta(minutes=1))
         # the log names the row, the device and what is wrong
         assert "telemetry row 2 from dev0: sketch pack is not base64" in caplog.text
-        # two bad JSON-form sketches, a pack that is not base64, one whose zlib is damaged
+        # two bad JSON-form sketches, a pack that is not base64, one cut short
         assert stats.rows == 4 and stats.rejected_sketches == 4
         assert read_tiles(s, "m", 1, T0, T0 + timedelta(minutes=1)).sketches["x[0]"].count == 150
 

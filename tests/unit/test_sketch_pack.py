@@ -1,4 +1,5 @@
-"""The sketch pack (one string per window) and the numpy merger the fleet's tiler uses."""
+"""The sketch pack (one per window, raw bytes in a telemetry frame) and the numpy merger the
+fleet's tiler uses."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import zlib
 import numpy as np
 import pytest
 
-from protocol.errors import MessageDecodeError, SketchError
-from protocol.messages import TelemetryWindow, decode_message
+from protocol.errors import MessageDecodeError, MessageTooLargeError, SketchError
+from protocol.limits import MAX_TELEMETRY_BYTES
+from protocol.messages import (
+    TELEMETRY_MAGIC,
+    Heartbeat,
+    TelemetryWindow,
+    decode_message,
+    encode_message,
+    split_telemetry_frame,
+)
 from protocol.sketch import FeatureSketch, SketchMerger, _check_kll_layout, wire_quantiles
 from protocol.sketchpack import MAX_PACK_BYTES, merge_packs, pack_sketches, read_pack
 
@@ -47,39 +56,32 @@ def test_pack_is_smaller_than_the_json_form() -> None:
     assert packed / len(bank) < 3 * 1024  # the drift issue's wire budget per feature
 
 
-def _body(text: str) -> bytes:
-    raw = base64.b64decode(text)
-    return zlib.decompress(raw) if raw[0] == 0x78 else raw
-
-
 def test_read_pack_refuses_bad_input_with_reasons() -> None:
-    good = pack_sketches({"x": FeatureSketch.of(np.arange(10.0))}, compress=False)
-    body = _body(good)
-
-    def enc(b: bytes) -> str:
-        return base64.b64encode(b).decode()
-
-    cases = {
+    body = pack_sketches({"x": FeatureSketch.of(np.arange(10.0))}, compress=False)
+    text = base64.b64encode(body).decode()
+    assert read_pack(text).sketches()["x"].count == 10  # the JSON form: base64 text
+    cases: dict[str, bytes | str] = {
         "not base64": "@@@",
-        "magic": enc(b"NOPE" + body[4:]),
-        "says 72 payload bytes; it has 68": enc(body[:-4]),
-        "truncated in its table": enc(body[:14]),
-        "payload bytes": enc(body + b"\0\0\0\0"),
-        "shorter than its header": enc(body[:5]),
-        "zlib": enc(b"\x78\x9c" + b"garbage"),
+        "magic": b"NOPE" + body[4:],
+        "says 72 payload bytes; it has 68": body[:-4],
+        "truncated in its table": body[:14],
+        "payload bytes": body + b"\0\0\0\0",
+        "shorter than its header": body[:5],
+        "zlib": b"\x78\x9c" + b"garbage",
+        "whole 4-byte words": body[:16] + (13).to_bytes(4, "little") + body[20:],
     }
-    for expected, text in cases.items():
+    for expected, data in cases.items():
         with pytest.raises(SketchError, match=expected):
-            read_pack(text)
-    # a zip bomb: a tiny text that inflates past the limit
-    bomb = base64.b64encode(zlib.compress(b"\0" * (MAX_PACK_BYTES + 10), 9)).decode()
+            read_pack(data)
+    # a zip bomb: a small pack that inflates past the limit
+    bomb = zlib.compress(b"\0" * (MAX_PACK_BYTES + 10), 9)
     assert len(bomb) < 64 * 1024
     with pytest.raises(SketchError, match="more than"):
         read_pack(bomb)
     # two features with one name
     head = struct.pack("<4sHHI", b"EFP1", 200, 2, 3) + struct.pack("<4I", 0, 0, 0, 0) + b"a\na"
     with pytest.raises(SketchError, match="distinct names"):
-        read_pack(enc(head))
+        read_pack(head)
     with pytest.raises(SketchError, match="newlines"):
         pack_sketches({"a\nb": FeatureSketch()})
 
@@ -89,15 +91,14 @@ def test_a_mutated_pack_never_crashes_the_reader_or_the_merger() -> None:
     sketches = {
         f"f{i}": FeatureSketch.of(rng.normal(size=n)) for i, n in enumerate((1, 9, 60, 900))
     }
-    body = bytearray(_body(pack_sketches(sketches, compress=False)))
+    body = bytearray(pack_sketches(sketches, compress=False))
     outcomes = {"refused": 0, "read": 0}
     for _ in range(3000):
         mutated = bytearray(body)
         for _ in range(int(rng.integers(1, 4))):
             mutated[int(rng.integers(len(mutated)))] = int(rng.integers(256))
-        text = base64.b64encode(bytes(mutated)).decode()
         try:
-            pack = read_pack(text)
+            pack = read_pack(bytes(mutated))
         except SketchError:
             outcomes["refused"] += 1
             continue
@@ -192,3 +193,52 @@ def test_wire_quantiles_match_the_library() -> None:
     with pytest.raises(SketchError, match="holds 10 values but says 11"):
         wire_quantiles(wire.model_copy(update={"count": 11}), (0.5,))  # holds 10
     assert wire_quantiles(FeatureSketch().to_wire(), (0.5,)) == (0, [])
+
+
+def _framed_window(**fields: object) -> TelemetryWindow:
+    rng = np.random.default_rng(7)
+    pack = pack_sketches({f"f{i}": FeatureSketch.of(rng.normal(size=30)) for i in range(8)})
+    return TelemetryWindow(
+        device_id="dev-1", seq=4, window_start="2026-01-01T00:00:00Z",
+        window_end="2026-01-01T00:01:00Z", inference_count=30, input_pack=pack, **fields,
+    )  # fmt: skip
+
+
+def test_a_window_with_a_binary_pack_travels_as_a_frame() -> None:
+    window = _framed_window()
+    assert isinstance(window.input_pack, bytes)
+    raw = encode_message(window)
+    assert raw[:4] == TELEMETRY_MAGIC
+    text, pack = split_telemetry_frame(raw)
+    assert pack == window.input_pack and b"input_pack" not in text  # no base64 copy
+    back = decode_message(raw, expect=TelemetryWindow)
+    assert back.input_pack == window.input_pack and back.seq == 4
+    assert {n: s.count for n, s in back.sketches().items()} == {f"f{i}": 30 for i in range(8)}
+    # the JSON form of the same window (a REST body, a log line) carries base64 text
+    as_json = decode_message(window.model_dump_json().encode(), expect=TelemetryWindow)
+    assert isinstance(as_json.input_pack, str)
+    assert as_json.sketches()["f3"].kll_bytes() == back.sketches()["f3"].kll_bytes()
+    assert len(raw) < len(window.model_dump_json()) - len(pack) // 4  # base64 adds a third
+
+
+def test_bad_telemetry_frames_are_refused_with_reasons() -> None:
+    raw = encode_message(_framed_window())
+    n = int.from_bytes(raw[4:8], "big")
+    heartbeat = Heartbeat(device_id="dev-1", profile="x86-cpu", agent_version="1", uptime_s=1)
+    head = heartbeat.model_dump_json().encode()
+    both = _framed_window().model_dump_json().encode()  # JSON that has its own pack
+    cases = {
+        "says its JSON is": raw[:4] + (len(raw)).to_bytes(4, "big") + raw[8:],
+        "its JSON is 0": raw[:4] + b"\0\0\0\0" + raw[8:],
+        "holds a 'heartbeat'": TELEMETRY_MAGIC + len(head).to_bytes(4, "big") + head + b"x",
+        "carries sketches of its own": TELEMETRY_MAGIC + len(both).to_bytes(4, "big") + both,
+        "invalid message": raw[:8] + raw[9 : 8 + n] + b" " + raw[8 + n :],  # JSON cut
+    }
+    for expected, frame in cases.items():
+        with pytest.raises(MessageDecodeError, match=expected):
+            decode_message(frame, expect=TelemetryWindow)
+    with pytest.raises(MessageTooLargeError):
+        decode_message(raw + b"\0" * MAX_TELEMETRY_BYTES, expect=TelemetryWindow)
+    # a frame is only ever telemetry: a command topic refuses it by kind
+    with pytest.raises(MessageDecodeError, match="expected a Heartbeat"):
+        decode_message(raw, expect=Heartbeat)
