@@ -469,12 +469,67 @@ def _insert_windows_copy(session: Session, rows: list[dict[str, Any]]) -> set[tu
     return inserted
 
 
+def _sqlite_time(t: datetime) -> str:
+    """An aware datetime as SQLAlchemy's SQLite dialect stores `UTCDateTime` (naive UTC)."""
+    u = t.astimezone(UTC)
+    return (
+        f"{u.year:04d}-{u.month:02d}-{u.day:02d} "
+        f"{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}"
+    )
+
+
+_SQLITE_INSERT = (
+    f"INSERT INTO telemetryrecord ({', '.join(_WINDOW_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING"
+)
+_TIMES = frozenset({"window_start", "window_end", "received_at"})
+
+
+def _insert_windows_sqlite(
+    session: Session, rows: list[dict[str, Any]]
+) -> set[tuple[str, str, int]]:
+    """SQLite: one ``executemany`` of a prepared single-row INSERT (the sqlite3 module's C
+    loop), then the keys of the rows it inserted, read back by id.
+
+    SQLAlchemy's multi-row INSERT ... RETURNING cost ~50 us of Python per window (bind
+    processors for 17 columns, compiling the batch's parameters), a quarter of ingest's
+    CPU. Every SQLite transaction of `fleet.db.make_engine` is BEGIN IMMEDIATE: no other
+    writer runs between reading the largest id and the insert, so the rows above it are
+    exactly this batch's.
+    """
+    driver = session.connection().connection.driver_connection
+    cur = driver.cursor()
+    try:
+        (top,) = cur.execute("SELECT coalesce(max(id), 0) FROM telemetryrecord").fetchone()
+        cur.executemany(
+            _SQLITE_INSERT,
+            [
+                tuple(
+                    row["window_json"] if c == "window"
+                    else _sqlite_time(row[c]) if c in _TIMES
+                    else row[c]
+                    for c in _WINDOW_COLUMNS
+                )
+                for row in rows
+            ],
+        )  # fmt: skip
+        cur.execute(
+            "SELECT device_id, stream_id, seq FROM telemetryrecord WHERE id > ?", (top,)
+        )
+        return {(d, s, int(q)) for d, s, q in cur.fetchall()}
+    finally:
+        cur.close()
+
+
 def _insert_windows(
     session: Session, dialect: str, rows: list[dict[str, Any]]
 ) -> set[tuple[str, str, int]]:
     """Insert what is new; return the keys that were inserted (the rest were duplicates)."""
-    if dialect == "postgresql" and session.get_bind().dialect.driver == "psycopg":
+    driver = session.get_bind().dialect.driver
+    if dialect == "postgresql" and driver == "psycopg":
         return _insert_windows_copy(session, rows)
+    if dialect == "sqlite" and driver == "pysqlite":
+        return _insert_windows_sqlite(session, rows)
     table = TelemetryRecord.__table__  # type: ignore[attr-defined]
     raw = bindparam("window_json", type_=Text())
     # the JSON column takes the received text as it is (PostgreSQL needs the cast to json)

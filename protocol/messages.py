@@ -535,7 +535,10 @@ def decode_message(raw: bytes, *, expect: type[BaseModel] | None = None) -> Any:
             raise MessageDecodeError("telemetry frame's JSON carries sketches of its own")
         if len(pack) > MAX_PACK_TEXT:
             raise MessageTooLargeError(f"telemetry frame's pack is {len(pack)} bytes")
-        msg = msg.model_copy(update={"input_pack": pack or None})
+        if pack:
+            # set on the just-validated message in place: model_copy cost ~20 us a window
+            object.__setattr__(msg, "input_pack", pack)
+            msg.__pydantic_fields_set__.add("input_pack")
     kind_limit = _LIMITS.get(msg.kind, MAX_MESSAGE_BYTES)
     if len(raw) > kind_limit:
         raise MessageTooLargeError(

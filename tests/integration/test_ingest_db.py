@@ -3,6 +3,7 @@ must store the same rows and report the same duplicates."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from fleet.worker import ingest_batch
 from protocol.messages import Presence, encode_message
 from protocol.sketch import FeatureSketch
 from protocol.sketchpack import pack_sketches
-from tests.unit.test_fleet_ingest import heartbeat, telemetry, topic_of
+from tests.unit.test_fleet_ingest import T0, heartbeat, telemetry, topic_of
 
 PACK = pack_sketches({f"f{i}": FeatureSketch.of(np.arange(i, i + 40.0)) for i in range(64)})
 
@@ -46,7 +47,14 @@ def test_batches_store_each_window_once_and_name_the_duplicates(db_url: str) -> 
             _item(telemetry(6, device_id="dev-0")),
             _item(heartbeat(device_id="dev-1")),
             _item(telemetry(0, device_id="dev-0")),  # stored by the first batch
-            _item(telemetry(7, device_id="dev-9", input_pack=PACK)),  # a telemetry frame
+            _item(  # a telemetry frame
+                telemetry(
+                    7,
+                    device_id="dev-9",
+                    input_pack=PACK,
+                    window_end=T0 + timedelta(minutes=8, microseconds=250),
+                )
+            ),
             _item(Presence(device_id="dev-9", online=False)),
         ]
         r1 = ingest_batch(engine, first, stats)
@@ -63,6 +71,11 @@ def test_batches_store_each_window_once_and_name_the_duplicates(db_url: str) -> 
             assert row.window["device_id"] == "dev-9" and row.window_end.tzinfo is not None
             # the frame's JSON in ``window``, its pack's bytes as they came in ``input_pack``
             assert row.input_pack == PACK and "input_pack" not in row.window
+            # times read back exactly and compare as times (SQLite: written by raw executemany)
+            end = T0 + timedelta(minutes=8, microseconds=250)
+            assert (row.window_start, row.window_end) == (T0 + timedelta(minutes=7), end)
+            later = select(TelemetryRecord.seq).where(TelemetryRecord.window_end >= end)
+            assert s.exec(later).all() == [7]
             assert (
                 s.exec(select(TelemetryRecord.input_pack).where(TelemetryRecord.seq == 6)).one()
                 is None
