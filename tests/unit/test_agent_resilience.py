@@ -15,13 +15,16 @@ from agent.crashpoint import CrashPoints, parse_crash_at
 from agent.errors import ConfigError
 from agent.testing import DiskFullFetcher, FailingBackend
 from protocol.messages import (
+    TELEMETRY_MAGIC,
     DeployCommand,
     ReasonCode,
     StatusEvent,
     TelemetryWindow,
     decode_message,
+    encode_message,
 )
 from protocol.messages import InstallState as S
+from protocol.sketchpack import is_compressed, pack_sketches
 from tests.unit.test_agent_install import (  # noqa: F401  (fixtures)
     CMD_TOPIC,
     DEVICE,
@@ -216,6 +219,21 @@ def test_merge_window_payloads_adds_counts_and_merges_sketches(rig: Rig) -> None
     ia, ib, im = wa.sketches(), wb.sketches(), merged.sketches()
     assert im and set(im) == set(ia) == set(ib)
     assert all(im[f].count == ia[f].count + ib[f].count for f in im)
+    # windows travel as frames (the pack's raw bytes after the JSON); a merged window too,
+    # and it keeps the sender's choice of compression
+    assert a[:4] == TELEMETRY_MAGIC and isinstance(merged.input_pack, bytes)
+    assert not is_compressed(merged.input_pack)
+    za, zb = (
+        encode_message(
+            w.model_copy(update={"input_pack": pack_sketches(w.sketches(), compress=True)})
+        )
+        for w in (wa, wb)
+    )
+    zmerged = decode_message(merge_window_payloads(za, zb))
+    assert is_compressed(zmerged.input_pack)
+    assert {f: s.count for f, s in zmerged.sketches().items()} == {
+        f: s.count for f, s in im.items()
+    }
 
 
 def test_outbox_merges_instead_of_dropping_when_full(tmp_path: Path) -> None:
