@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import signal
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,12 @@ def write_broker_config(
     return files, creds
 
 
+#: a last SIGHUP this long after the last reload request (see `reload_broker`)
+TRAILING_RELOAD_S = 1.0
+_trailing: dict[int, threading.Timer] = {}
+_trailing_lock = threading.Lock()
+
+
 def reload_broker(pid_file: Path | None = None, *, pid: int | None = None) -> bool:
     """Send Mosquitto SIGHUP so it rereads the password file and ACL; False if not running.
 
@@ -260,22 +267,50 @@ def reload_broker(pid_file: Path | None = None, *, pid: int | None = None) -> bo
     rereads both files and re-checks every connected client, disconnecting those whose
     user is gone from the password file; their reconnects are refused. Other clients stay
     connected. The signal is asynchronous: the reload happens a moment after this returns.
+
+    Mosquitto clears its reload flag after it has reread the files, so a SIGHUP that
+    arrives during a reload is lost: enrolling 12 devices 10 ms apart left the last one
+    "not authorised" until something else reloaded the broker (the demo, once). So each
+    call also (re)arms one more SIGHUP `TRAILING_RELOAD_S` after the last call of a burst,
+    when the password file has stopped changing.
     """
+    sent = _sighup(pid_file, pid)
+    if sent is None:
+        return False
+    with _trailing_lock:
+        old = _trailing.pop(sent, None)
+        if old is not None:
+            old.cancel()
+        timer = threading.Timer(TRAILING_RELOAD_S, _trailing_sighup, args=(sent,))
+        timer.daemon = True
+        _trailing[sent] = timer
+        timer.start()
+    return True
+
+
+def _trailing_sighup(pid: int) -> None:
+    with _trailing_lock:
+        _trailing.pop(pid, None)
+    _sighup(None, pid)
+
+
+def _sighup(pid_file: Path | None, pid: int | None) -> int | None:
+    """SIGHUP the broker; its pid, or None (logged) if it could not be signalled."""
     if pid is None:
         if pid_file is None:
-            return False
+            return None
         try:
             pid = int(Path(pid_file).read_text().strip())
         except (OSError, ValueError):
             log.warning("cannot read the broker pid from %s; broker not reloaded", pid_file)
-            return False
+            return None
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
         log.warning("broker pid %d is not running; not reloaded", pid)
-        return False
+        return None
     except PermissionError:
         log.warning("no permission to signal broker pid %d; not reloaded", pid)
-        return False
+        return None
     log.info("sent SIGHUP to the broker (pid %d): password file and ACL reload", pid)
-    return True
+    return pid

@@ -513,9 +513,7 @@ def _insert_windows_sqlite(
                 for row in rows
             ],
         )  # fmt: skip
-        cur.execute(
-            "SELECT device_id, stream_id, seq FROM telemetryrecord WHERE id > ?", (top,)
-        )
+        cur.execute("SELECT device_id, stream_id, seq FROM telemetryrecord WHERE id > ?", (top,))
         return {(d, s, int(q)) for d, s, q in cur.fetchall()}
     finally:
         cur.close()
