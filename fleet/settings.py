@@ -42,6 +42,10 @@ class FleetSettings(BaseSettings):
     #: how long the broker keeps this process's session (and queues its messages) after a
     #: crash; a clean shutdown ends the session at once
     mqtt_session_expiry_s: int = Field(default=300, ge=0, le=86400)
+    #: QoS 1 messages the broker may send this process before it acknowledges them (MQTT 5
+    #: Receive Maximum). Messages are acknowledged after their batch commits, so this caps a
+    #: batch: Mosquitto's own default is 20 unacknowledged messages per client
+    mqtt_receive_maximum: int = Field(default=2000, ge=1, le=65535)
     #: how long `publish_command` waits for the broker's PUBACK
     publish_timeout_s: float = Field(default=5.0, gt=0.0, le=120.0)
 
