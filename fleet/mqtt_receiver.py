@@ -262,7 +262,6 @@ class Receiver:
         while not self._stop.is_set():
             try:
                 self._session()
-                delay = self.cfg.reconnect_min_s
             except (OSError, MqttProtocolError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 if self._stop.is_set():
@@ -270,11 +269,14 @@ class Receiver:
                 self.failed_attempts += 1
                 if self.failed_attempts % 10 == 1:
                     log.warning(
-                        "MQTT receiver %s: %s; reconnecting in %.0f s",
-                        self.cfg.client_id, self.last_error, delay,
+                        "MQTT receiver %s: %s; reconnecting with backoff",
+                        self.cfg.client_id, self.last_error,
                     )  # fmt: skip
             finally:
+                was_up = self._connected.is_set()
                 self._drop()
+            if was_up:  # a connection that worked: back off from the start again
+                delay = self.cfg.reconnect_min_s
             if self._stop.wait(delay):
                 break
             delay = min(delay * 2, self.cfg.reconnect_max_s)
