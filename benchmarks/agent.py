@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 sys.path.insert(0, str(ROOT))
 
-from protocol.messages import decode_message, split_telemetry_frame  # noqa: E402
+from protocol.messages import decode_message, telemetry_json  # noqa: E402
 
 DIGITS = ROOT / "models" / "digits"
 DEVICE = "bench-dev"
@@ -322,7 +322,7 @@ def outage(tmp: Path, outage_s: float, steady_s: float) -> dict[str, Any]:
 
     def on_message(_c: Any, _u: Any, m: Any) -> None:
         nonlocal merged
-        w = json.loads(split_telemetry_frame(bytes(m.payload))[0])
+        w = json.loads(telemetry_json(bytes(m.payload)))
         with lock:
             k = (w["stream_id"], w["seq"])
             seen[k] = seen.get(k, 0) + 1

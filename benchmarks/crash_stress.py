@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 sys.path.insert(0, str(ROOT))
 
-from protocol.messages import split_telemetry_frame  # noqa: E402
+from protocol.messages import telemetry_json  # noqa: E402
 
 DEVICE = "crash-dev"
 CHUNK = 4096
@@ -164,7 +164,7 @@ def _published(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-            text, _ = split_telemetry_frame(base64.b64decode(rec["payload"]))
+            text = telemetry_json(base64.b64decode(rec["payload"]))
             out.append({"topic": rec["topic"], **json.loads(text)})
         except (ValueError, KeyError):
             continue  # a line torn by the kill

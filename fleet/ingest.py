@@ -33,7 +33,7 @@ from protocol.messages import (
     StatusEvent,
     TelemetryWindow,
     decode_message,
-    split_telemetry_frame,
+    telemetry_json,
 )
 from protocol.sketch import wire_quantiles
 from protocol.topics import Channel, parse_topic
@@ -352,7 +352,7 @@ def store_telemetry(
                 "latency_p50_ms": p50,
                 "latency_p95_ms": p95,
                 "latency_p99_ms": p99,
-                "window_json": split_telemetry_frame(raw)[0].decode("utf-8"),
+                "window_json": telemetry_json(raw).decode("utf-8"),
                 "input_pack": msg.input_pack if isinstance(msg.input_pack, bytes) else None,
             }
         )

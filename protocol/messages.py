@@ -71,6 +71,7 @@ __all__ = [
     "encode_message",
     "new_id",
     "split_telemetry_frame",
+    "telemetry_json",
     "utcnow",
 ]
 
@@ -494,14 +495,27 @@ def split_telemetry_frame(raw: bytes) -> tuple[bytes, bytes | None]:
 
     Raises MessageDecodeError for a frame whose header does not fit the payload.
     """
-    if raw[:4] != TELEMETRY_MAGIC:
+    n = _frame_json_length(raw)
+    if n is None:
         return raw, None
+    return raw[8 : 8 + n], raw[8 + n :]
+
+
+def telemetry_json(raw: bytes) -> bytes:
+    """A message's JSON alone (a frame's pack is not copied); as `split_telemetry_frame`."""
+    n = _frame_json_length(raw)
+    return raw if n is None else raw[8 : 8 + n]
+
+
+def _frame_json_length(raw: bytes) -> int | None:
+    if raw[:4] != TELEMETRY_MAGIC:
+        return None
     n = int.from_bytes(raw[4:8], "big") if len(raw) >= 8 else -1
     if n < 2 or 8 + n > len(raw):
         raise MessageDecodeError(
             f"telemetry frame says its JSON is {n} bytes; the frame has {len(raw)}"
         )
-    return raw[8 : 8 + n], raw[8 + n :]
+    return n
 
 
 def _describe(exc: ValidationError) -> str:
