@@ -28,31 +28,37 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol.limits import MAX_TELEMETRY_BYTES
+from protocol.mqtt_wire import (
+    CONNACK,
+    DISCONNECT,
+    PINGREQ_PACKET,
+    PINGRESP,
+    SUBACK,
+    UNSUBACK,
+    MqttProtocolError,
+    Packet,
+    connect_packet,
+    disconnect_packet,
+    parse_packets,
+    properties_length,
+    puback_packet,
+    subscribe_packet,
+    unsubscribe_packet,
+)
 
-__all__ = ["MqttProtocolError", "Receiver", "ReceiverConfig", "parse_packets"]
+__all__ = ["Receiver", "ReceiverConfig"]
 
 log = logging.getLogger(__name__)
 
 #: (topic, payload, ack): as fleet.mqtt.MessageSink
 Sink = Callable[[str, bytes, Callable[[], None]], None]
 
-CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
-UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 10, 11, 12, 13, 14
-#: the largest packet the broker may send us (a telemetry message plus its topic)
-MAX_PACKET_BYTES = MAX_TELEMETRY_BYTES + 64 * 1024
 _READ_BYTES = 256 * 1024
-_PINGREQ = bytes([PINGREQ << 4, 0])
-
-
-class MqttProtocolError(Exception):
-    """The broker sent something this client does not accept (the connection is dropped)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,121 +78,16 @@ class ReceiverConfig:
     reconnect_max_s: float = 30.0
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(s: str) -> bytes:
-    raw = s.encode("utf-8")
-    return struct.pack(">H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def connect_packet(cfg: ReceiverConfig) -> bytes:
-    flags = (0x80 if cfg.username is not None else 0) | (0x40 if cfg.password is not None else 0)
-    props = (
-        b"\x11" + struct.pack(">I", cfg.session_expiry_s)
-        + b"\x21" + struct.pack(">H", cfg.receive_maximum)
-        + b"\x27" + struct.pack(">I", MAX_PACKET_BYTES)
-    )  # fmt: skip
-    body = b"\x00\x04MQTT\x05" + bytes([flags]) + struct.pack(">H", cfg.keepalive_s)
-    body += _varint(len(props)) + props + _utf8(cfg.client_id)
-    if cfg.username is not None:
-        body += _utf8(cfg.username)
-    if cfg.password is not None:
-        body += _utf8(cfg.password)
-    return _packet(CONNECT << 4, body)
-
-
-def subscribe_packet(pid: int, filters: Sequence[str]) -> bytes:
-    body = struct.pack(">H", pid) + b"\x00" + b"".join(_utf8(f) + b"\x01" for f in filters)
-    return _packet((SUBSCRIBE << 4) | 2, body)
-
-
-def unsubscribe_packet(pid: int, filters: Sequence[str]) -> bytes:
-    body = struct.pack(">H", pid) + b"\x00" + b"".join(_utf8(f) for f in filters)
-    return _packet((UNSUBSCRIBE << 4) | 2, body)
-
-
-def disconnect_packet(*, end_session: bool) -> bytes:
-    props = b"\x11\x00\x00\x00\x00" if end_session else b""
-    return _packet(DISCONNECT << 4, b"\x00" + _varint(len(props)) + props)
-
-
-def _read_varint(buf: bytearray | bytes, at: int, end: int) -> tuple[int, int] | None:
-    """(value, bytes used) of the variable byte integer at ``at``; None if cut off."""
-    value = shift = 0
-    for i in range(4):
-        if at + i >= end:
-            return None
-        byte = buf[at + i]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i + 1
-        shift += 7
-    raise MqttProtocolError("malformed variable byte integer")
-
-
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """One packet other than PUBLISH: its type, flags and body."""
-
-    kind: int
-    flags: int
-    body: bytes
-
-
-def parse_packets(
-    buf: bytearray, on_publish: Callable[[str, bytes, int, int], None]
-) -> tuple[int, list[Packet]]:
-    """Parse the whole packets at the start of ``buf``; PUBLISHes go to ``on_publish(topic,
-    payload, packet id, qos)`` as they are read, the rest are returned. Returns how many
-    bytes were consumed (a packet cut off at the end waits for more)."""
-    pos, end = 0, len(buf)
-    others: list[Packet] = []
-    while end - pos >= 2:
-        first = buf[pos]
-        size = _read_varint(buf, pos + 1, end)
-        if size is None:
-            break
-        length, used = size
-        if length > MAX_PACKET_BYTES:
-            raise MqttProtocolError(f"a {length}-byte packet; the limit is {MAX_PACKET_BYTES}")
-        start = pos + 1 + used
-        stop = start + length
-        if stop > end:
-            break
-        kind = first >> 4
-        if kind == PUBLISH:
-            qos = (first >> 1) & 3
-            if qos == 3 or length < 2:
-                raise MqttProtocolError("malformed PUBLISH")
-            tlen = (buf[start] << 8) | buf[start + 1]
-            at = start + 2 + tlen
-            pid = 0
-            if qos:
-                pid = (buf[at] << 8) | buf[at + 1] if at + 2 <= stop else -1
-                at += 2
-            props = _read_varint(buf, at, stop)
-            if props is None or at + props[1] + props[0] > stop or pid < 0 or tlen == 0:
-                raise MqttProtocolError("malformed PUBLISH")
-            try:
-                topic = buf[start + 2 : start + 2 + tlen].decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise MqttProtocolError("PUBLISH topic is not UTF-8") from exc
-            on_publish(topic, bytes(buf[at + props[1] + props[0] : stop]), pid, qos)
-        else:
-            others.append(Packet(kind, first & 0x0F, bytes(buf[start:stop])))
-        pos = stop
-    return pos, others
+def _connect_packet(cfg: ReceiverConfig) -> bytes:
+    return connect_packet(
+        cfg.client_id,
+        clean_start=False,
+        keepalive_s=cfg.keepalive_s,
+        username=cfg.username,
+        password=cfg.password,
+        session_expiry_s=cfg.session_expiry_s,
+        receive_maximum=cfg.receive_maximum,
+    )
 
 
 class Receiver:
@@ -244,7 +145,7 @@ class Receiver:
             self._last_send = time.monotonic()
 
     def _ack_for(self, pid: int, sock: socket.socket) -> Callable[[], None]:
-        packet = bytes([PUBACK << 4, 2, pid >> 8, pid & 0xFF])
+        packet = puback_packet(pid)
 
         def ack() -> None:
             if self._sock is not sock:
@@ -294,7 +195,7 @@ class Receiver:
         sock = socket.create_connection((cfg.host, cfg.port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        self._send(connect_packet(cfg))
+        self._send(_connect_packet(cfg))
         buf = bytearray()
         ack = self._read_until(sock, buf, CONNACK)
         if len(ack.body) < 2:
@@ -303,7 +204,7 @@ class Receiver:
             raise MqttProtocolError(f"broker refused the connection: reason code {ack.body[1]:#x}")
         self._send(subscribe_packet(1, cfg.subscriptions))
         sub = self._read_until(sock, buf, SUBACK)
-        codes = sub.body[2 + self._props_len(sub.body, 2) :]
+        codes = sub.body[2 + properties_length(sub.body, 2) :]
         if not codes or any(c >= 0x80 for c in codes):
             raise MqttProtocolError(f"broker refused the subscription: reason codes {list(codes)}")
         if cfg.unsubscriptions:
@@ -317,13 +218,6 @@ class Receiver:
             cfg.client_id, bool(ack.body[0] & 1), ", ".join(cfg.subscriptions),
         )  # fmt: skip
         self._read_loop(sock, buf)
-
-    @staticmethod
-    def _props_len(body: bytes, at: int) -> int:
-        got = _read_varint(body, at, len(body))
-        if got is None:
-            raise MqttProtocolError("cut-off properties")
-        return got[0] + got[1]
 
     def _read_until(self, sock: socket.socket, buf: bytearray, kind: int) -> Packet:
         """Read until a packet of ``kind`` arrives. A resumed session's queued messages may
@@ -388,7 +282,7 @@ class Receiver:
                 for p in packets:
                     self._control(p)
             if now - self._last_send >= keepalive / 2:
-                self._send(_PINGREQ)
+                self._send(PINGREQ_PACKET)
 
 
 def _no_ack() -> None:

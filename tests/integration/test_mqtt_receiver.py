@@ -17,13 +17,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.broker_config import mosquitto_hash
-from fleet.mqtt_receiver import (
-    MAX_PACKET_BYTES,
-    MqttProtocolError,
-    Receiver,
-    ReceiverConfig,
-    parse_packets,
-)
+from fleet.mqtt_receiver import Receiver, ReceiverConfig
+from protocol.mqtt_wire import MAX_PACKET_BYTES, MqttProtocolError, parse_packets
 from tests.broker import Broker
 
 pytestmark = pytest.mark.integration
