@@ -181,3 +181,45 @@ def _send_deploy(broker: Broker, device: str) -> str:
         client.loop_stop()
         client.disconnect()
     return cmd.command_id
+
+
+def test_loadgen_one_connection_per_device(mosquitto: Broker, procs: ProcessGroup) -> None:
+    """--connections-per-process 0: every device is its own MQTT client (client id = device
+    id, last will = offline presence); each window is acknowledged and delivered once."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    prefix = f"pd{time.monotonic_ns() % 10**8}-"
+    got: list[str] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"w-{prefix}",
+                          protocol=mqtt.MQTTv5)  # fmt: skip
+    watcher.on_message = lambda _c, _u, m: (
+        got.append(m.topic) if m.topic.startswith(f"edgefleet/v1/{prefix}") else None
+    )
+    watcher.connect(mosquitto.host, mosquitto.port)
+    watcher.subscribe("edgefleet/v1/+/telemetry", 1)
+    watcher.loop_start()
+    try:
+        time.sleep(0.5)
+        load = procs.start(
+            "loadgen",
+            [
+                sys.executable, "-m", "edgefleet.loadgen", "--devices", "30",
+                "--rate-per-device", "2", "--duration-s", "2", "--features", "8",
+                "--connections-per-process", "0", "--mqtt-host", mosquitto.host,
+                "--mqtt-port", str(mosquitto.port), "--prefix", prefix, "--json",
+            ],
+        )  # fmt: skip
+        assert load.wait(timeout_s=60) == 0, load.tail()
+        report = json.loads(load.log_text().strip().splitlines()[-1])
+        assert report["connections"] == 30
+        assert report["telemetry_sent"] == report["telemetry_planned"] == 120
+        assert report["heartbeats_sent"] >= 30 and report["presence_sent"] == 30
+        assert report["unacked"] == 0 and report["disconnects"] == 0
+        _wait(lambda: len(got) >= 120, "120 windows at the watcher", 20, procs)
+        time.sleep(0.3)
+        assert len(got) == 120
+        assert {t.split("/")[2] for t in got} == set(device_ids(prefix, 30))
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
