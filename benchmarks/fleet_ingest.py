@@ -324,7 +324,12 @@ def main() -> None:
     parser.add_argument("--drain-timeout-s", type=float, default=600.0)
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--cases", default="", help="comma-separated subset of the fleet cases "
+        "(sqlite1w,sqlite2w,postgres1w,postgres2w); the broker case always runs"
+    )
     args = parser.parse_args()
+    wanted = set(filter(None, args.cases.split(",")))
     if args.quick:
         args.duration_s = min(args.duration_s, 6.0)
     import tempfile
@@ -337,7 +342,7 @@ def main() -> None:
     cases: list[dict[str, Any]] = []
     cases.append(run_case("broker", work, keys, args, consumer="subscriber"))
     for workers in (1, 2):
-        if args.quick and workers == 2:
+        if (args.quick and workers == 2) or (wanted and f"sqlite{workers}w" not in wanted):
             continue
         db = f"sqlite:///{work / f'sqlite{workers}' / 'fleet.db'}"
         (work / f"sqlite{workers}").mkdir()
@@ -345,13 +350,16 @@ def main() -> None:
             run_case(f"sqlite{workers}w", work, keys, args, consumer="fleet", workers=workers,
                      db_url=db)
         )  # fmt: skip
-    if not args.quick and not args.no_postgres:
+    pg_wanted = not wanted or any(c.startswith("postgres") for c in wanted)
+    if not args.quick and not args.no_postgres and pg_wanted:
         cluster = _postgres(work)
         if cluster is None:
             print("  PostgreSQL not available: skipped", flush=True)
         else:
             try:
                 for workers in (1, 2):
+                    if wanted and f"postgres{workers}w" not in wanted:
+                        continue
                     url = cluster.create_database(f"bench{workers}")
                     cases.append(
                         run_case(f"postgres{workers}w", work, keys, args, consumer="fleet",
