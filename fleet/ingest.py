@@ -322,7 +322,7 @@ def store_telemetry(
     ``window`` column and its sketch pack, as raw bytes, to ``input_pack``.
     """
     results: list[IngestResult | None] = [None] * len(items)
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []  # in _WINDOW_COLUMNS order
     row_of: list[int] = []
     for i, (msg, raw) in enumerate(items):
         p50 = p95 = p99 = None
@@ -335,39 +335,27 @@ def store_telemetry(
                     Reason.BAD_SKETCH, f"latency_ms: {exc}", kind=msg.kind, device_id=msg.device_id
                 )
                 continue
+        pack = msg.input_pack
         rows.append(
-            {
-                "device_id": msg.device_id,
-                "stream_id": msg.stream_id,
-                "seq": msg.seq,
-                "window_start": _utc(msg.window_start),
-                "window_end": _utc(msg.window_end),
-                "received_at": now,
-                "bundle_sha256": msg.bundle_sha256,
-                "model_name": msg.model_name,
-                "model_version": msg.model_version,
-                "inference_count": msg.inference_count,
-                "error_count": sum(msg.error_counts.values()),
-                "latency_count": latency_count,
-                "latency_p50_ms": p50,
-                "latency_p95_ms": p95,
-                "latency_p99_ms": p99,
-                "window_json": telemetry_json(raw).decode("utf-8"),
-                "input_pack": msg.input_pack if isinstance(msg.input_pack, bytes) else None,
-            }
-        )
+            (
+                msg.device_id, msg.stream_id, msg.seq, _utc(msg.window_start),
+                _utc(msg.window_end), now, msg.bundle_sha256, msg.model_name, msg.model_version,
+                msg.inference_count, sum(msg.error_counts.values()), latency_count, p50, p95, p99,
+                telemetry_json(raw).decode("utf-8"), pack if isinstance(pack, bytes) else None,
+            )
+        )  # fmt: skip
         row_of.append(i)
     if not rows:
         return [r for r in results if r is not None]
     session.flush()  # devices and events added through the ORM come first (foreign keys)
     dialect = session.get_bind().dialect.name
-    device_ids = sorted({row["device_id"] for row in rows})
+    device_ids = sorted({row[0] for row in rows})
     if not registered:  # the worker registers a whole batch's devices up front
         _ensure_devices(session, dialect, device_ids, now)
     inserted = _insert_windows(session, dialect, rows)
     for i, row in zip(row_of, rows, strict=True):
         msg = items[i][0]
-        key = (row["device_id"], row["stream_id"], row["seq"])
+        key = (row[0], row[1], row[2])
         if key in inserted:
             inserted.discard(key)  # a second copy in the same batch is a duplicate
             results[i] = _stored(msg)
@@ -440,7 +428,9 @@ _WINDOW_COLUMNS = (
 _STAGING = "edgefleet_window_in"
 
 
-def _insert_windows_copy(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, str, int]]:
+def _insert_windows_copy(
+    session: Session, rows: list[tuple[Any, ...]]
+) -> set[tuple[str, str, int]]:
     """PostgreSQL with psycopg: COPY the rows into a temporary table, then one
     INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING.
 
@@ -457,9 +447,7 @@ def _insert_windows_copy(session: Session, rows: list[dict[str, Any]]) -> set[tu
         )
         with cur.copy(f"COPY {_STAGING} ({cols}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row(
-                    [row["window_json"] if c == "window" else row[c] for c in _WINDOW_COLUMNS]
-                )
+                copy.write_row(row)
         cur.execute(
             f"INSERT INTO telemetryrecord ({cols}) SELECT {cols} FROM {_STAGING} "
             "ON CONFLICT DO NOTHING RETURNING device_id, stream_id, seq"
@@ -470,23 +458,19 @@ def _insert_windows_copy(session: Session, rows: list[dict[str, Any]]) -> set[tu
 
 
 def _sqlite_time(t: datetime) -> str:
-    """An aware datetime as SQLAlchemy's SQLite dialect stores `UTCDateTime` (naive UTC)."""
-    u = t.astimezone(UTC)
-    return (
-        f"{u.year:04d}-{u.month:02d}-{u.day:02d} "
-        f"{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}"
-    )
+    """An aware datetime as SQLAlchemy's SQLite dialect stores `UTCDateTime` (naive UTC,
+    ``YYYY-MM-DD HH:MM:SS.ffffff``)."""
+    return t.astimezone(UTC).isoformat(" ", "microseconds")[:-6]  # without "+00:00"
 
 
 _SQLITE_INSERT = (
     f"INSERT INTO telemetryrecord ({', '.join(_WINDOW_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING"
 )
-_TIMES = frozenset({"window_start", "window_end", "received_at"})
 
 
 def _insert_windows_sqlite(
-    session: Session, rows: list[dict[str, Any]]
+    session: Session, rows: list[tuple[Any, ...]]
 ) -> set[tuple[str, str, int]]:
     """SQLite: one ``executemany`` of a prepared single-row INSERT (the sqlite3 module's C
     loop), then the keys of the rows it inserted, read back by id.
@@ -504,15 +488,10 @@ def _insert_windows_sqlite(
         cur.executemany(
             _SQLITE_INSERT,
             [
-                tuple(
-                    row["window_json"] if c == "window"
-                    else _sqlite_time(row[c]) if c in _TIMES
-                    else row[c]
-                    for c in _WINDOW_COLUMNS
-                )
-                for row in rows
+                (*r[:3], _sqlite_time(r[3]), _sqlite_time(r[4]), _sqlite_time(r[5]), *r[6:])
+                for r in rows
             ],
-        )  # fmt: skip
+        )
         cur.execute("SELECT device_id, stream_id, seq FROM telemetryrecord WHERE id > ?", (top,))
         return {(d, s, int(q)) for d, s, q in cur.fetchall()}
     finally:
@@ -520,7 +499,7 @@ def _insert_windows_sqlite(
 
 
 def _insert_windows(
-    session: Session, dialect: str, rows: list[dict[str, Any]]
+    session: Session, dialect: str, rows: list[tuple[Any, ...]]
 ) -> set[tuple[str, str, int]]:
     """Insert what is new; return the keys that were inserted (the rest were duplicates)."""
     driver = session.get_bind().dialect.driver
@@ -538,5 +517,9 @@ def _insert_windows(
         .on_conflict_do_nothing()
         .returning(table.c.device_id, table.c.stream_id, table.c.seq)
     )
-    result = session.execute(stmt, rows)
+    params = [
+        {"window_json" if c == "window" else c: v for c, v in zip(_WINDOW_COLUMNS, r, strict=True)}
+        for r in rows
+    ]
+    result = session.execute(stmt, params)
     return {(d, s, q) for d, s, q in result.all()}

@@ -185,10 +185,17 @@ def test_window_carries_one_form_of_sketches() -> None:
 
 def test_wire_quantiles_match_the_library() -> None:
     rng = np.random.default_rng(6)
-    for n in (1, 2, 5, 100, 150, 1000, 20_000):
+    for n in (1, 2, 5, 20, 64, 65, 100, 150, 1000, 20_000):  # Python and numpy paths
         s = FeatureSketch.of(rng.lognormal(size=n))
         count, qs = wire_quantiles(s.to_wire(), (0.5, 0.95, 0.99))
         assert count == n and qs == s.quantiles((0.5, 0.95, 0.99))
+    for n in (20, 100):  # an infinite value smuggled into the bytes is refused either way
+        wire = FeatureSketch.of(np.arange(float(n))).to_wire()
+        raw = bytearray(base64.b64decode(wire.data))
+        raw[32 + 4 * 3 : 32 + 4 * 4] = struct.pack("<f", float("inf"))
+        bad = wire.model_copy(update={"data": base64.b64encode(raw).decode()})
+        with pytest.raises(SketchError, match="non-finite"):
+            wire_quantiles(bad, (0.5,))
     wire = FeatureSketch.of(np.arange(10.0)).to_wire()
     with pytest.raises(SketchError, match="holds 10 values but says 11"):
         wire_quantiles(wire.model_copy(update={"count": 11}), (0.5,))  # holds 10
