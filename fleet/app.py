@@ -19,7 +19,7 @@ from sqlalchemy.exc import DataError
 
 from fleet.api import api_router, ops_router
 from fleet.auth import authorize, tokens_router
-from fleet.db import create_db, make_engine
+from fleet.db import WalCheckpointer, create_db, make_engine
 from fleet.deployment import CommandPublisher
 from fleet.errors import FleetError, SettingsError
 from fleet.ingest import IngestStats
@@ -75,8 +75,10 @@ def create_app(
         create_db(db)
         store.prepare()
         _load_trust_chain(app, db)
-        worker = mqtt = None
+        worker = mqtt = checkpointer = None
         if publisher is None:
+            checkpointer = WalCheckpointer(db)  # SQLite only
+            checkpointer.start()
             worker = IngestWorker(
                 db,
                 stats,
@@ -113,6 +115,8 @@ def create_app(
                 mqtt.stop()
             if worker is not None:
                 worker.stop()
+            if checkpointer is not None:
+                checkpointer.stop()
             if own_engine:
                 db.dispose()
             log.info("fleet stopped")
