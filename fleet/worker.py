@@ -30,6 +30,7 @@ from fleet.ingest import (
     store_telemetry,
 )
 from fleet.models import utcnow
+from fleet.mqtt_receiver import send_acks
 from protocol.messages import TelemetryWindow
 from protocol.topics import Channel
 
@@ -47,7 +48,11 @@ def _log_result(topic: str, result: IngestResult) -> None:
 
 
 def ingest_batch(
-    engine: Engine, items: Sequence[tuple[str, bytes]], stats: IngestStats
+    engine: Engine,
+    items: Sequence[tuple[str, bytes]],
+    stats: IngestStats,
+    *,
+    known_devices: set[str] | None = None,
 ) -> list[IngestResult]:
     """Apply ``(topic, payload)`` pairs in one transaction; count each after it commits.
 
@@ -55,14 +60,22 @@ def ingest_batch(
     and SQLite holds its write lock for the whole transaction). Runs of telemetry windows
     are then stored with a few statements per run (`store_telemetry`); other messages go
     through the ORM one by one, in order.
+
+    ``known_devices``: ids this process has seen registered (devices are never deleted);
+    a batch looks up only the others, and adds them once it commits. Cleared when a batch
+    fails, in case it was wrong.
     """
     decoded = [decode(topic, payload) for topic, payload in items]
     results: list[IngestResult] | None = None
     try:
         with Session(engine) as session:
-            results = _apply_decoded(session, items, decoded)
+            results, devices = _apply_decoded(session, items, decoded, known_devices)
             session.commit()
+        if known_devices is not None:
+            known_devices.update(devices)
     except Exception:
+        if known_devices is not None:
+            known_devices.clear()
         # e.g. another fleet process inserted the same device or window between our read
         # and our write: redo each message alone, where a retry sees the committed row.
         log.warning("a batch of %d messages failed; retrying one by one", len(items), exc_info=True)
@@ -77,17 +90,16 @@ def _apply_decoded(
     session: Session,
     items: Sequence[tuple[str, bytes]],
     decoded: Sequence[Decoded | IngestResult],
-) -> list[IngestResult]:
+    known_devices: set[str] | None = None,
+) -> tuple[list[IngestResult], set[str]]:
+    """The results, and the ids of the devices the batch's messages came from."""
     now = utcnow()
     # Register every new device of the batch first, in id order, in one statement: two
     # fleet processes registering overlapping devices then take row locks in the same
     # order (PostgreSQL deadlocked when heartbeats registered them one by one, in message
     # order, while the other process's telemetry did so sorted).
-    ensure_devices(
-        session,
-        sorted({m.device_id for m in decoded if not isinstance(m, IngestResult)}),
-        now,
-    )
+    devices = {m.device_id for m in decoded if not isinstance(m, IngestResult)}
+    ensure_devices(session, sorted(devices - (known_devices or set())), now)
     results: list[IngestResult | None] = [None] * len(items)
     windows: list[tuple[TelemetryWindow, bytes]] = []
     window_at: list[int] = []
@@ -110,7 +122,7 @@ def _apply_decoded(
             flush_windows()  # keep the order: a presence after these windows wins over them
             results[i] = apply(msg, session, now)
     flush_windows()
-    return [r for r in results if r is not None]
+    return [r for r in results if r is not None], devices
 
 
 def _one(engine: Engine, topic: str, payload: bytes) -> IngestResult:
@@ -194,6 +206,7 @@ class IngestWorker:
         #: price of that much more acknowledgement latency
         self._linger_s = linger_s
         self._queue = _Lanes(queue_max, control_maxsize=max(1, queue_max // 4))
+        self._known_devices: set[str] = set()
         self._thread: threading.Thread | None = None
 
     def submit(self, topic: str, payload: bytes, ack: Callable[[], None] | None = None) -> None:
@@ -254,17 +267,17 @@ class IngestWorker:
                     break
             if batch:
                 try:
-                    results = ingest_batch(self._engine, batch, self._stats)
+                    results = ingest_batch(
+                        self._engine, batch, self._stats, known_devices=self._known_devices
+                    )
                 except Exception:  # never let the writer thread die
                     # Not acknowledged: the broker redelivers them when the session resumes.
                     log.exception("ingest batch of %d messages not stored", len(batch))
                     continue
-                for ack, result in zip(acks, results, strict=True):
-                    # A message we failed to store (database down) stays unacknowledged so
-                    # the broker sends it again; bad input is acknowledged: it cannot improve.
-                    if ack is None or result.reason == Reason.INTERNAL:
-                        continue
-                    try:
-                        ack()
-                    except Exception:  # a lost connection: the broker redelivers later
-                        log.debug("could not acknowledge a stored message", exc_info=True)
+                # A message we failed to store (database down) stays unacknowledged so the
+                # broker sends it again; bad input is acknowledged: it cannot improve.
+                send_acks(
+                    ack
+                    for ack, result in zip(acks, results, strict=True)
+                    if ack is not None and result.reason != Reason.INTERNAL
+                )

@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.broker_config import mosquitto_hash
-from fleet.mqtt_receiver import Receiver, ReceiverConfig
+from fleet.mqtt_receiver import PubAck, Receiver, ReceiverConfig, send_acks
 from protocol.mqtt_wire import MAX_PACKET_BYTES, MqttProtocolError, parse_packets
 from tests.broker import Broker
 
@@ -126,6 +126,50 @@ def test_every_message_arrives_and_the_unacknowledged_come_again(
         time.sleep(0.5)
         assert late.got == []
         r3.stop()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+
+
+def test_acknowledgements_sent_together_count_each_message_once(
+    mosquitto_factory: Callable[..., Broker],
+) -> None:
+    """The ingest worker acknowledges a batch with one `send_acks`: every message it names
+    is settled (a reconnect brings back only the others), and a failing foreign ack in
+    the same call does not stop the rest."""
+    broker = mosquitto_factory()
+    held: list[tuple[bytes, Callable[[], None]]] = []
+    lock = threading.Lock()
+
+    def hold(_topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        with lock:
+            held.append((payload, ack))
+
+    client_id = f"fleet-{uuid.uuid4().hex[:6]}"
+    r = _receiver(broker, hold, client_id, receive_maximum=200)  # type: ignore[arg-type]
+    assert _wait(lambda: r.connected)
+    payloads = [struct.pack(">I", i) + b"w" * 500 for i in range(150)]
+    pub = _publisher(broker)
+    try:
+        _publish(pub, payloads)
+        assert _wait(lambda: len(held) == len(payloads))
+        assert all(isinstance(ack, PubAck) for _, ack in held)
+
+        def broken() -> None:
+            raise OSError("a connection that is gone")
+
+        settled = [ack for body, ack in held if struct.unpack(">I", body[:4])[0] % 3]
+        send_acks([*settled[:50], broken, *settled[50:]])
+        time.sleep(0.3)
+        r.stop(end_session=False)
+
+        again = Sink()
+        r2 = _receiver(broker, again, client_id)
+        expected = sorted(p for p in payloads if struct.unpack(">I", p[:4])[0] % 3 == 0)
+        again.wait_for(len(expected))
+        time.sleep(0.3)
+        assert sorted(p for _, p in again.got) == expected
+        r2.stop()
     finally:
         pub.loop_stop()
         pub.disconnect()

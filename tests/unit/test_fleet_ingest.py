@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, func, select
 
-from fleet.db import create_db, make_engine
+from fleet.db import WalCheckpointer, create_db, make_engine
 from fleet.ingest import IngestStats, Outcome, handle
 from fleet.models import Command, Device, DeviceEvent, TelemetryRecord
 from fleet.worker import IngestWorker, ingest_batch
@@ -358,3 +362,55 @@ def test_worker_serves_status_ahead_of_a_telemetry_backlog(engine: Engine) -> No
     assert order[0] == "heartbeat" and order.count("telemetry") == 8
     with Session(engine) as s:
         assert s.exec(select(func.count()).select_from(TelemetryRecord)).one() == 9
+
+
+def test_known_devices_skip_the_lookup_and_a_wrong_entry_heals(tmp_path: Path) -> None:
+    """The worker's cache of registered devices: filled after a commit; an id in it that
+    the database lacks (it cannot happen unless the database was swapped) fails the batch
+    on the foreign key, the retry registers the device, and the cache is emptied."""
+    eng = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    create_db(eng)
+    stats, known = IngestStats(), set[str]()
+    first = [(topic_of(w), encode_message(w)) for w in (telemetry(0), telemetry(0, "dev-2"))]
+    assert [r.outcome for r in ingest_batch(eng, first, stats, known_devices=known)] == [
+        Outcome.STORED, Outcome.STORED,
+    ]  # fmt: skip
+    assert known == {"dev-1", "dev-2"}
+    known.add("dev-ghost")  # believed registered, but not in the database
+    ghost = telemetry(1, "dev-ghost")
+    [result] = ingest_batch(eng, [(topic_of(ghost), encode_message(ghost))], stats,
+                            known_devices=known)  # fmt: skip
+    assert result.outcome is Outcome.STORED
+    assert known == set()
+    with Session(eng) as s:
+        assert s.get(Device, "dev-ghost") is not None
+        assert len(s.exec(select(TelemetryRecord)).all()) == 3
+    eng.dispose()
+
+
+def test_the_wal_checkpointer_copies_the_log_back(tmp_path: Path) -> None:
+    """WAL pages reach the database file from the checkpointer's thread, with the ingest
+    connection's own auto-checkpoint far away (SQLITE_AUTOCHECKPOINT_PAGES)."""
+    db = tmp_path / "fleet.db"
+    eng = make_engine(f"sqlite:///{db}")
+    create_db(eng)
+    ckpt = WalCheckpointer(eng, interval_s=0.05)
+    assert ckpt.enabled and not WalCheckpointer(make_engine("sqlite://")).enabled
+    before = db.stat().st_size
+    windows = [telemetry(i, input_pack=b"\x00" * 8000) for i in range(200)]
+    ingest_batch(eng, [(topic_of(w), encode_message(w)) for w in windows], IngestStats())
+    wal = Path(f"{db}-wal")
+    assert wal.stat().st_size > 1_000_000 and db.stat().st_size - before < 1_000_000
+    ckpt.start()
+    try:
+        deadline = time.monotonic() + 10
+        while db.stat().st_size - before < 1_000_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        ckpt.stop()
+    assert db.stat().st_size - before > 1_000_000 and ckpt.runs >= 1 and ckpt.last_error is None
+    alone = tmp_path / "copy.db"  # the database file without its log holds every window
+    shutil.copyfile(db, alone)  # (before dispose: closing the last connection checkpoints)
+    eng.dispose()
+    with sqlite3.connect(alone) as conn:
+        assert conn.execute("SELECT count(*) FROM telemetryrecord").fetchone()[0] == 200
