@@ -13,9 +13,13 @@ devices, same payloads, telemetry only):
   one database;
 - fleet, PostgreSQL, 1 and 2 workers: when the server binaries are installed.
 
-A rate is the slope of the count between 5% and 95% of the final count: the consumer works
-at full speed there (the publishers are ahead of it, or it keeps up and the rate is theirs).
-CPU is each process group's (utime+stime) over the same interval, in cores (from /proc).
+The devices offer more than the goal (10,000 x 0.7 = 7,000 windows/s by default): a
+consumer that merely keeps up with 5,000 offered could never show that it does 5,000. A
+rate is the slope of the stored (or delivered) count from 5% of the final count to the
+moment the publishers finish: the consumer shares the machine with the load the whole
+time. The slope from 5% to 95% (``rate_all``, the figure runs before 2026-12 reported)
+also counts the backlog drained after the load, with the machine to itself. CPU is each
+process group's (utime+stime) over the first interval, in cores (from /proc).
 Goal: >= 5,000 windows/s and >= 50% of the broker's rate. The machine's other load (other
 people's tests) counts against every figure; the per-CPU-second figures move less.
 """
@@ -101,18 +105,29 @@ class Sampler:
     def latest(self) -> int:
         return self.samples[-1][1] if self.samples else 0
 
-    def rate(self) -> dict[str, Any]:
-        """Slope between 5% and 95% of the final count, and each group's cores there."""
+    def rate(self, load_end: float) -> dict[str, Any]:
+        """The consumer's rate while the devices publish, and over the whole run.
+
+        ``rate``: the slope of the count from 5% of the final count to ``load_end`` (the
+        publishers' last window), with each group's cores over the same interval: the
+        consumer shares the machine with the load there. ``rate_all``: the slope from 5%
+        to 95%, which includes draining a backlog after the load ended, with the machine
+        to itself (the figure earlier runs reported).
+        """
         final = self.latest()
         if final < 20:
-            return {"count": final, "rate": 0.0, "cpu_cores": {}, "interval_s": 0.0}
+            return {"count": final, "rate": 0.0, "rate_all": 0.0, "cpu_cores": {},
+                    "interval_s": 0.0}  # fmt: skip
         lo = next(s for s in self.samples if s[1] >= 0.05 * final)
         hi = next(s for s in self.samples if s[1] >= 0.95 * final)
-        dt = max(hi[0] - lo[0], 1e-9)
-        cores = {k: round((hi[2].get(k, 0) - lo[2].get(k, 0)) / dt, 2) for k in hi[2]}
+        under = [s for s in self.samples if lo[0] < s[0] <= load_end]
+        end = under[-1] if under else hi
+        dt = max(end[0] - lo[0], 1e-9)
+        cores = {k: round((end[2].get(k, 0) - lo[2].get(k, 0)) / dt, 2) for k in end[2]}
         return {
             "count": final,
-            "rate": round((hi[1] - lo[1]) / dt, 1),
+            "rate": round((end[1] - lo[1]) / dt, 1),
+            "rate_all": round((hi[1] - lo[1]) / max(hi[0] - lo[0], 1e-9), 1),
             "interval_s": round(dt, 1),
             "cpu_cores": cores,
         }
@@ -222,6 +237,7 @@ def run_case(
         groups["loadgen"] = load.pid
         sampler.start()
         load.wait(timeout_s=args.duration_s * 20 + 120)
+        load_end = time.monotonic()
         report = json.loads(load.log_text().strip().splitlines()[-1])
         sent = report["telemetry_sent"]
         # wait for the consumer to finish (or to stop making progress)
@@ -234,7 +250,7 @@ def run_case(
                 break
             time.sleep(0.5)
         sampler.stop()
-        result = sampler.rate()
+        result = sampler.rate(load_end)
         result.update(
             case=name,
             consumer=consumer,
@@ -317,7 +333,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer windows, fewer cases")
     parser.add_argument("--devices", type=int, default=10_000)
-    parser.add_argument("--rate-per-device", type=float, default=0.5)
+    parser.add_argument("--rate-per-device", type=float, default=0.7)
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--rows", type=int, default=20, help="inferences per window")
     parser.add_argument("--publishers", type=int, default=2, help="loadgen processes")
@@ -325,8 +341,10 @@ def main() -> None:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument(
-        "--cases", default="", help="comma-separated subset of the fleet cases "
-        "(sqlite1w,sqlite2w,postgres1w,postgres2w); the broker case always runs"
+        "--cases",
+        default="",
+        help="comma-separated subset of the fleet cases "
+        "(sqlite1w,sqlite2w,postgres1w,postgres2w); the broker case always runs",
     )
     args = parser.parse_args()
     wanted = set(filter(None, args.cases.split(",")))
@@ -392,10 +410,11 @@ def main() -> None:
     )
     print()
     print(
-        "| case | stored or delivered /s | broker /s (same run) | fraction | windows per "
-        "fleet CPU-s | offered /s | complete | CPU cores: mosquitto / loadgen / consumer(s) |"
+        "| case | stored or delivered /s under load | broker /s (same run) | fraction | "
+        "incl. drain after load /s | windows per fleet CPU-s | offered /s | complete | "
+        "CPU cores: mosquitto / loadgen / consumer(s) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for c in cases:
         cores = c["cpu_cores"]
         consumers = " + ".join(
@@ -403,7 +422,8 @@ def main() -> None:
         )
         print(
             f"| {c['case']} | {c['rate']:,.0f} | {broker_rate:,.0f} | "
-            f"{c.get('fraction_of_broker', 1.0) or 0:.2f} | {c.get('per_fleet_cpu_s') or '-'} | "
+            f"{c.get('fraction_of_broker', 1.0) or 0:.2f} | {c['rate_all']:,.0f} | "
+            f"{c.get('per_fleet_cpu_s') or '-'} | "
             f"{c['offered_rate']:,.0f} | {c['complete']} | {cores.get('mosquitto', 0):.2f} / "
             f"{cores.get('loadgen', 0):.2f} / {consumers} |"
         )
