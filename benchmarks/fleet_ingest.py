@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import sys
 import threading
@@ -55,7 +56,9 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def group_cpu_s(pgid: int) -> float:
-    """utime + stime of every live process in process group ``pgid``, in seconds."""
+    """utime + stime of every live process in process group ``pgid``, in seconds; a
+    negative ``pgid`` means the process ``-pgid`` and its children (PostgreSQL's backends
+    each start a session of their own)."""
     total = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -65,7 +68,11 @@ def group_cpu_s(pgid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid:
+        if pgid >= 0:
+            mine = int(fields[2]) == pgid
+        else:
+            mine = int(entry.name) == -pgid or int(fields[1]) == -pgid
+        if mine:
             total += int(fields[11]) + int(fields[12])
     return total / _CLK_TCK
 
@@ -189,6 +196,7 @@ def run_case(
     consumer: str,
     workers: int = 1,
     db_url: str | None = None,
+    server_pgid: int | None = None,
 ) -> dict[str, Any]:
     """One case: fresh broker, consumer(s), the load; returns its figures."""
     case_dir = work / name
@@ -198,6 +206,8 @@ def run_case(
             group, case_dir, extra_lines=["max_queued_messages 0", "max_inflight_messages 100"]
         )
         groups = {"mosquitto": broker.process.pid}
+        if server_pgid is not None:  # the database server shares the machine too
+            groups["postgres"] = server_pgid
         if consumer == "subscriber":
             out = case_dir / "count"
             script = case_dir / "sub.py"
@@ -296,7 +306,6 @@ def _postgres(work: Path) -> Any:
     except ImportError:
         return None
     import pwd
-    import shutil
     import tempfile
 
     bin_dir = find_pg_bin_dir()
@@ -316,6 +325,14 @@ def _postgres(work: Path) -> Any:
         shutil.rmtree(base, ignore_errors=True)
         return None
     return cluster
+
+
+def _server_pgid(cluster: Any) -> int | None:
+    """The PostgreSQL server's postmaster and its children, as `group_cpu_s` takes them."""
+    try:
+        return -int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def payload_sizes(features: int) -> dict[str, int]:
@@ -368,6 +385,7 @@ def main() -> None:
             run_case(f"sqlite{workers}w", work, keys, args, consumer="fleet", workers=workers,
                      db_url=db)
         )  # fmt: skip
+        shutil.rmtree(work / f"sqlite{workers}", ignore_errors=True)  # ~1.3 GB per case
     pg_wanted = not wanted or any(c.startswith("postgres") for c in wanted)
     if not args.quick and not args.no_postgres and pg_wanted:
         cluster = _postgres(work)
@@ -381,10 +399,14 @@ def main() -> None:
                     url = cluster.create_database(f"bench{workers}")
                     cases.append(
                         run_case(f"postgres{workers}w", work, keys, args, consumer="fleet",
-                                 workers=workers, db_url=url)
+                                 workers=workers, db_url=url, server_pgid=_server_pgid(cluster))
                     )  # fmt: skip
+                    cluster.drop_database(f"bench{workers}")
             finally:
                 cluster.stop()
+                shutil.rmtree(cluster.base, ignore_errors=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
     broker_rate = cases[0]["rate"]
     for c in cases[1:]:
         c["fraction_of_broker"] = round(c["rate"] / broker_rate, 2) if broker_rate else None
@@ -425,7 +447,9 @@ def main() -> None:
             f"{c.get('fraction_of_broker', 1.0) or 0:.2f} | {c['rate_all']:,.0f} | "
             f"{c.get('per_fleet_cpu_s') or '-'} | "
             f"{c['offered_rate']:,.0f} | {c['complete']} | {cores.get('mosquitto', 0):.2f} / "
-            f"{cores.get('loadgen', 0):.2f} / {consumers} |"
+            f"{cores.get('loadgen', 0):.2f} / {consumers}"
+            + (f" (PostgreSQL server {cores['postgres']:.2f})" if "postgres" in cores else "")
+            + " |"
         )
     print(f"\nJSON: {RESULTS}")
 

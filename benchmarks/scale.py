@@ -74,22 +74,6 @@ def _sql(db_url: str) -> Any:
     return q
 
 
-def tree_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` and its children (PostgreSQL: the postmaster and backends)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(entry.name) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 class Cpu:
     """CPU seconds of named process groups (or trees: negative ids), read between phases."""
 
@@ -98,7 +82,7 @@ class Cpu:
         self.last: dict[str, float] = {}
 
     def read(self) -> dict[str, float]:
-        now = {k: tree_cpu_s(-v) if v < 0 else group_cpu_s(v) for k, v in self.groups.items()}
+        now = {k: group_cpu_s(v) for k, v in self.groups.items()}
         # a group that exited keeps its last reading
         self.last = {k: max(now.get(k, 0.0), self.last.get(k, 0.0)) for k in self.groups}
         return dict(self.last)
