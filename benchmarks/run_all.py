@@ -341,7 +341,7 @@ def _fleet_ingest(d: dict[str, Any]) -> Iterator[Figure]:
             continue
         yield Figure(
             benchmark="fleet_ingest",
-            figure=f"{c['case']}: windows stored /s",
+            figure=f"{c['case']}: windows stored /s while the load runs",
             value=f"{_n(c.get('rate'), 0)} ({_n(c.get('per_fleet_cpu_s'), 0)} per CPU-s)",
             baseline=f"{_n(broker.get('rate') if broker else None, 0)} broker",
             goal=f">= {_n(goal.get('windows_per_s'), 0)} and >= "
