@@ -303,3 +303,55 @@ def test_fleet_quality_cost_labels_alerts_over_rest(
     assert isinstance(client.get("/api/v1/alerts").json(), list)
     metrics = client.get("/metrics").text
     assert 'edgefleet_model_accuracy{model="digits",source="labels",version="2"} 0.9' in metrics
+
+
+def _per_call_reference(ys: list[np.ndarray]) -> tuple[list[tuple[int, ...]], float, np.ndarray]:
+    """What `QualityRecorder.record` computed call by call before it batched: each call's
+    outputs kept when all its rows are probabilities, else their softmax."""
+    predicted, raw_max, col = [], 0.0, np.zeros(ys[0].shape[1])
+    for y in ys:
+        z = y.astype(np.float64)
+        if not (z.min() >= 0 and np.abs(z.sum(axis=1) - 1.0).max() <= 1e-3 + 1e-5):
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            z = e / e.sum(axis=1, keepdims=True)
+        predicted.append(tuple(int(c) for c in z.argmax(axis=1)))
+        raw_max += float(z.max(axis=1).sum())
+        col += z.sum(axis=0)
+    return predicted, raw_max, col
+
+
+def test_batched_bookkeeping_matches_the_per_call_result(model: LoadedModel) -> None:
+    """Calls are drained in batches (and before every read): the records, labels and sums
+    equal the per-call computation, call boundaries kept (a call of logits next to a call
+    of probabilities, a batch of 3 rows, a call of no rows), and an application changing
+    its outputs after the call changes nothing."""
+    rng = np.random.default_rng(3)
+    clock = Clock(5_000_000.0)
+    quality = QualityRecorder(clock=clock, capacity=1000, hash_inputs=False)
+    ys: list[np.ndarray] = []
+    for i in range(150):  # more than one drain's worth (64 rows), and a tail
+        if i % 7 == 3:
+            y = rng.dirichlet(np.ones(10), size=1).astype(np.float32)  # already probabilities
+        elif i % 11 == 5:
+            y = rng.normal(size=(3, 10)).astype(np.float32)  # a batch
+        else:
+            y = rng.normal(scale=3, size=(1, 10)).astype(np.float32)  # logits
+        ys.append(y.copy())
+        quality.record(model, {"input": np.zeros((len(y), 64), np.float32)}, {"logits": y}, f"p{i}")
+        y[:] = 0.0  # the application reuses its buffer
+    quality.record(model, {"input": np.zeros((0, 64), np.float32)},
+                   {"logits": np.zeros((0, 10), np.float32)}, "empty")  # fmt: skip
+    predicted, raw_max, col = _per_call_reference(ys)
+    for i in (0, 3, 5, 149):  # joined by the class each call predicted: all correct
+        label = list(predicted[i]) if len(predicted[i]) > 1 else predicted[i][0]
+        assert quality.report_label(f"p{i}", label) is LabelOutcome.JOINED
+    assert quality.report_label("empty", []) is LabelOutcome.JOINED
+    assert len(quality) == 151
+    report, sums = quality.take(model.bundle_sha256)
+    assert sums is not None and report is not None
+    assert sums.rows == sum(len(y) for y in ys) and not sums.calibrated
+    assert sums.raw_max_sum == pytest.approx(raw_max, rel=1e-9)
+    assert sums.calibrated_max_sum == pytest.approx(raw_max, rel=1e-9)
+    assert np.allclose(sums.class_prob_sums, col, rtol=1e-5)
+    cells = {(p, t): n for p, t, n in report.joined[0].confusion}
+    assert sum(cells.values()) == 1 + 1 + len(ys[5]) + 1 and all(p == t for p, t in cells)
