@@ -7,9 +7,9 @@ started with, and a replaced model is closed only after its last in-flight call 
 from __future__ import annotations
 
 import collections
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -183,7 +183,7 @@ class InferenceService:
             with self._lock:
                 gen.calls += 1
                 gen.latencies.append(ms)
-            prediction_id = uuid.uuid4().hex
+            prediction_id = secrets.token_hex(16)  # 128 random bits, as uuid4 (cheaper)
             if record:
                 if self._telemetry is not None:
                     self._telemetry.record(model, arrays, outputs, ms)
