@@ -7,8 +7,11 @@
 1. Overhead of the agent's served path (input check, telemetry buffers, batched sketches,
    shadow hook) over a bare runtime call on the same loaded model, on a tiny MLP (64
    inputs, so 64 sketched features) and a MobileNetV2-shaped model (224x224, random
-   weights). Interleaved rounds; each figure is the median over rounds of the per-round
-   median. The local HTTP API (JSON) is measured too, separately.
+   weights). Interleaved rounds. The goal is judged on the mean over every call (total
+   time / calls), which includes the calls that flush the batched sketches and
+   bookkeeping (every 64 rows): the cost per inference. The median over rounds of the
+   per-round median (a typical call's latency, which skips those flushes) is reported
+   beside it. The local HTTP API (JSON) is measured too, separately.
 2. Resident memory of an agent process with the digits model loaded (ONNX Runtime; LiteRT if
    `compile --profile raspberry-pi-5` works here), against the same interpreter without it.
 3. Telemetry bytes per window with 64 input features.
@@ -146,12 +149,16 @@ def overhead(tmp: Path, name: str, model: Path, x: np.ndarray, rounds: int, n: i
         with urllib.request.urlopen(req, timeout=60) as r:
             r.read()
 
-    def timed(fn: Any, k: int) -> float:
+    every: dict[str, list[float]] = {"bare": [], "served": []}
+
+    def timed(fn: Any, k: int, into: str | None = None) -> float:
         ts = []
         for _ in range(k):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
+        if into is not None:
+            every[into] += ts
         return statistics.median(ts)
 
     for _ in range(20):
@@ -159,8 +166,8 @@ def overhead(tmp: Path, name: str, model: Path, x: np.ndarray, rounds: int, n: i
         agent.service.predict(inputs)
     bare, served, api = [], [], []
     for _ in range(rounds):
-        bare.append(timed(lambda: backend.run(inputs), n))
-        served.append(timed(lambda: agent.service.predict(inputs), n))
+        bare.append(timed(lambda: backend.run(inputs), n, "bare"))
+        served.append(timed(lambda: agent.service.predict(inputs), n, "served"))
         api.append(timed(api_call, max(3, n // 10)))
     # one closed window's encoded size (64 features for the MLP)
     agent.tick(now=agent.clock() + 7200)
@@ -170,14 +177,21 @@ def overhead(tmp: Path, name: str, model: Path, x: np.ndarray, rounds: int, n: i
     agent.stop()
     b, s, a = statistics.median(bare), statistics.median(served), statistics.median(api)
     ratios = [sv / bb for sv, bb in zip(served, bare, strict=True)]
+    # the mean counts the calls that flush the batched work (every 64 rows): the cost per
+    # inference; the median call skips them and is the latency of a typical call
+    bm, sm = statistics.fmean(every["bare"]), statistics.fmean(every["served"])
     return {
         "model": name,
         "bare_us": b * 1e6,
         "agent_us": s * 1e6,
         "overhead_us": (s - b) * 1e6,
         "overhead_ratio_median": statistics.median(ratios),
+        "bare_mean_us": bm * 1e6,
+        "agent_mean_us": sm * 1e6,
+        "overhead_mean_us": (sm - bm) * 1e6,
+        "overhead_mean_ratio": sm / bm,
         "api_json_us": a * 1e6,
-        "goal_met": (s - b) * 1e6 <= max(30.0, 0.05 * b * 1e6),
+        "goal_met": (sm - bm) * 1e6 <= max(30.0, 0.05 * bm * 1e6),
         "window_bytes": window_bytes,
         "window_features": features,
         "rounds": rounds,
@@ -408,13 +422,15 @@ def agent_seq_total(state: Path) -> int:
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [
-        "| model | bare runtime call | agent predict | overhead | goal (<=5% or <=30 us) "
-        "| local HTTP API (JSON) |",
-        "|---|---|---|---|---|---|",
+        "| model | bare runtime call (mean) | agent predict (mean) | overhead per inference "
+        "(mean, flushes included) | overhead of the median call | goal (<=5% or <=30 us, "
+        "on the mean) | local HTTP API (JSON) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for o in res["overhead"]:
         lines.append(
-            f"| {o['model']} | {o['bare_us']:.1f} us | {o['agent_us']:.1f} us | "
+            f"| {o['model']} | {o['bare_mean_us']:.1f} us | {o['agent_mean_us']:.1f} us | "
+            f"{o['overhead_mean_us']:+.1f} us ({100 * (o['overhead_mean_ratio'] - 1):+.1f}%) | "
             f"{o['overhead_us']:+.1f} us ({100 * (o['overhead_ratio_median'] - 1):+.1f}%) | "
             f"{'met' if o['goal_met'] else 'MISSED'} | {o['api_json_us']:.0f} us |"
         )
