@@ -84,6 +84,13 @@ def test_feature_specs_direct_and_summary() -> None:
     np.testing.assert_array_equal(r1, r2)  # same seed, same projection on both sides
     with pytest.raises(SketchError, match="shape"):
         FeatureExtractor(big)(np.zeros((4, 3, 16, 16)))
+    # the projection is float32 end to end (a float64 matrix made every flush an 8x
+    # slower float64 matmul) and agrees with the float64 arithmetic to float32 precision
+    ex = FeatureExtractor(big)
+    assert ex._proj is not None and ex._proj.dtype == np.float32 and r1.dtype == np.float32
+    proj64 = np.random.default_rng(7).standard_normal((3 * 32 * 32, 8)) / np.sqrt(3 * 32 * 32)
+    want = x.reshape(4, -1).astype(np.float32).astype(np.float64) @ proj64
+    np.testing.assert_allclose(r1[:, 6:], want, rtol=1e-4, atol=1e-5)
 
 
 def test_mutated_sketch_bytes_never_crash_the_process() -> None:
