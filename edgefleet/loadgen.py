@@ -315,10 +315,11 @@ class _Device:
 class _Conn:
     """One MQTT 5 connection driven by the shard's selector loop (no thread of its own).
 
-    Packets are built and read with `protocol.mqtt_wire`, not paho: paho cost ~170 us of
-    Python per acknowledged QoS 1 publish here (most of it in its PUBACK path, which builds
-    a Properties and a ReasonCode object per message), so at 5,000 windows/s the simulated
-    devices took 0.6-0.9 of the 2 cores the fleet under test runs on. Outgoing packets
+    Packets are built and read with `protocol.mqtt_wire`, not paho: with paho a publisher
+    process spent ~80% of its time in paho (most of it in the PUBACK path, which builds a
+    Properties and a ReasonCode object per message), ~140 us per acknowledged QoS 1
+    publish, so at 5,000 windows/s the simulated devices took 0.6-0.9 of the 2 cores the
+    fleet under test runs on. Outgoing packets
     collect in one buffer that the loop writes out with few ``send`` calls.
     """
 
