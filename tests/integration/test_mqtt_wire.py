@@ -38,17 +38,18 @@ class _Raw:
         self.sock = socket.create_connection((broker.host, broker.port), timeout=10)
         self.buf = bytearray()
         self.published: list[tuple[str, bytes, int, int]] = []
+        self.ready: list[Packet] = []
         self.sock.sendall(packet)
 
     def next_packet(self) -> Packet:
-        while True:
-            used, packets = parse_packets(self.buf, lambda *a: self.published.append(a))
-            if packets:
-                del self.buf[: len(self.buf)]  # the tests expect one control packet at a time
-                return packets[0]
+        while not self.ready:
             data = self.sock.recv(65536)
             assert data, "the broker closed the connection"
             self.buf += data
+            used, packets = parse_packets(self.buf, lambda *a: self.published.append(a))
+            del self.buf[:used]
+            self.ready += packets
+        return self.ready.pop(0)
 
 
 class _Watcher:
