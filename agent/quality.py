@@ -245,6 +245,9 @@ class QualityRecorder:
         digest = input_hash(inputs) if self.hash_inputs else None
         now = self.clock()
         with self._lock:
+            # read the calibration map now, while this model's files are certainly there
+            # (cached per model: a dict lookup after the first call)
+            self._calibration(model)
             self._pending.append((prediction_id, model, y, digest, now))
             self._pending_rows += len(y)
             if self._pending_rows >= _DRAIN_ROWS:
